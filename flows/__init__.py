@@ -1,0 +1,11 @@
+"""Prefect flows and MLflow tracking: the only package that imports either.
+
+    from flows import extract_embeddings, ExtractParams
+    extract_embeddings(ExtractParams(manifest="data/generated/digits/manifest.csv", column="image",
+                                     encoder="open_clip:image:ViT-B-32@/ckpt/model.safetensors"))
+"""
+
+from flows import _env  # noqa: F401  (must run before prefect/mlflow import)
+from flows.extract import ExtractParams, extract_embeddings
+
+__all__ = ["ExtractParams", "extract_embeddings"]

@@ -1,0 +1,17 @@
+"""Spec -> frozen encoder. Every caller (extraction, search, stage 2) comes through here."""
+
+from __future__ import annotations
+
+from encoders.frozen import FrozenEncoder
+from encoders.spec import EncoderSpec
+
+
+def load_encoder(spec: str | EncoderSpec) -> FrozenEncoder:
+    spec = EncoderSpec.parse(spec)
+    if spec.backend == "open_clip":
+        from encoders.open_clip_backend import OpenClipEncoder
+
+        return OpenClipEncoder(spec)
+    from encoders.hf_backend import HFEncoder
+
+    return HFEncoder(spec)

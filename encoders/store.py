@@ -1,0 +1,402 @@
+"""The HDF5 embedding store: one file per (dataset, modality, encoder).
+
+Layout::
+
+    /ids            (N,)   UTF-8 strings, chunked, resizable
+    /embeddings     (N, D) float32 | float16, chunked (chunk_rows, D), resizable
+    /errors/ids     (E,)   ids of manifest rows that produced no embedding
+    /errors/reasons (E,)   why (missing file, corrupt image, empty text, duplicate id, ...)
+    attrs: format_version, dataset, modality, encoder_spec, weights_digest, weights_origin, dim,
+           dtype, normalized, manifest_digest, library_versions (JSON), created, rows_done, n,
+           complete
+
+Why this shape: rows are appended one batch at a time and the file is flushed after each batch,
+with ``n`` and ``rows_done`` written last, so a process killed at any moment leaves a file whose
+attributes describe a consistent prefix. A rerun truncates whatever the dead process wrote past
+``n`` and carries on from ``rows_done``. ``complete`` is set only after the last batch, and
+readers refuse an incomplete store unless asked, so half a store is never mistaken for a whole
+one. A sidecar ``.lock`` (flock, released by the kernel even on kill -9) stops two writers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+# Attributes that must match for a partial store to be continued rather than rebuilt.
+IDENTITY_ATTRS = ("encoder_spec", "weights_digest", "manifest_digest", "dtype", "dim", "normalized")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (incomplete, locked, inconsistent): the message names it."""
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "open_clip_torch", "transformers", "h5py", "numpy", "xmodal"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class _Lock:
+    """An exclusive, non-blocking flock on ``<store>.lock``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(str(path) + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                holder = self.path.read_text().strip() or "another process"
+                raise StoreLocked(f"store {self.path.with_suffix('')} is being written by {holder}; "
+                                  "wait for it to finish (two writers would corrupt it)") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class StoreWriter:
+    """Append-only writer with resume. Use as a context manager; call ``append`` per batch, ``finish`` once."""
+
+    def __init__(self, path: str | Path, *, dim: int, attrs: dict[str, Any], dtype: str = "float32",
+                 chunk_rows: int = 256, overwrite: bool = False):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float16):
+            raise ValueError(f"store dtype must be float32 or float16, not {dtype}")
+        self.chunk_rows = chunk_rows
+        self.attrs = {**attrs, "dim": self.dim, "dtype": self.dtype.name}
+        self.overwrite = overwrite
+        self._lock = _Lock(self.path)
+        self.f: h5py.File | None = None
+        self.resumed_rows = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self._lock.release()
+
+    def _open(self) -> None:
+        if self.path.exists() and not self.overwrite:
+            try:
+                f = h5py.File(self.path, "r+")
+            except OSError:
+                # A file killed before its first flush is unreadable; it holds nothing to keep.
+                f = None
+            if f is not None:
+                mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k)) != _plain(self.attrs.get(k))]
+                if not mismatch:
+                    self.f = f
+                    self._truncate_to_committed()
+                    return
+                done = bool(f.attrs.get("complete", False))
+                f.close()
+                if done:
+                    raise StoreError(
+                        f"store {self.path} already holds embeddings for other inputs "
+                        f"(differs in {', '.join(mismatch)}); use another output folder or overwrite=True"
+                    )
+        self._create()
+
+    def _create(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(max(self.chunk_rows, 1024),))
+            f.create_dataset("embeddings", shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
+                             chunks=(self.chunk_rows, self.dim))
+            g = f.create_group("errors")
+            for name in ("ids", "reasons"):
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+            for k, v in self.attrs.items():
+                f.attrs[k] = _attr(v)
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["library_versions"] = json.dumps(library_versions())
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            f.attrs["rows_done"] = 0
+            f.attrs["n"] = 0
+            f.attrs["n_errors"] = 0
+            f.attrs["complete"] = False
+        os.replace(tmp, self.path)  # a store either exists with its layout or not at all
+        self.f = h5py.File(self.path, "r+")
+
+    def _truncate_to_committed(self) -> None:
+        """Drop rows a killed writer wrote after its last committed batch."""
+        f = self.f
+        n, e = int(f.attrs["n"]), int(f.attrs["n_errors"])
+        for ds, size in ((f["ids"], n), (f["embeddings"], n), (f["errors/ids"], e), (f["errors/reasons"], e)):
+            if ds.shape[0] != size:
+                ds.resize(size, axis=0)
+        self.resumed_rows = int(f.attrs["rows_done"])
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.f.attrs["complete"])
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.f.attrs["rows_done"])
+
+    @property
+    def n(self) -> int:
+        return int(self.f.attrs["n"])
+
+    def stored_ids(self) -> np.ndarray:
+        return self.f["ids"].asstr()[()]
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(self, ids: Sequence[str], embeddings: np.ndarray, *, rows_done: int,
+               errors: Sequence[tuple[str, str]] = ()) -> None:
+        """Write one batch, then commit it by bumping the counters and flushing."""
+        f = self.f
+        embeddings = np.asarray(embeddings)
+        if embeddings.shape != (len(ids), self.dim):
+            raise ValueError(f"batch of {len(ids)} ids has embeddings of shape {embeddings.shape}, "
+                             f"store {self.path} expects (n, {self.dim})")
+        n, e = self.n, int(f.attrs["n_errors"])
+        if len(ids):
+            for ds, rows in ((f["ids"], np.asarray(ids, dtype=object)), (f["embeddings"], embeddings.astype(self.dtype))):
+                ds.resize(n + len(ids), axis=0)
+                ds[n:] = rows
+        if errors:
+            for ds, col in ((f["errors/ids"], 0), (f["errors/reasons"], 1)):
+                ds.resize(e + len(errors), axis=0)
+                ds[e:] = np.asarray([err[col] for err in errors], dtype=object)
+        f.flush()  # data first ...
+        f.attrs["n"] = n + len(ids)
+        f.attrs["n_errors"] = e + len(errors)
+        f.attrs["rows_done"] = int(rows_done)
+        f.flush()  # ... then the counters that make it count
+
+    def finish(self, **extra_attrs: Any) -> None:
+        for k, v in extra_attrs.items():
+            self.f.attrs[k] = _attr(v)
+        self.f.attrs["complete"] = True
+        self.f.flush()
+
+
+def _attr(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return v
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return "" if v is None else v
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+class EmbeddingStore:
+    """Read-only view. Opens the file per call, so it can cross a fork (DataLoader workers, Dask)."""
+
+    def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"store {self.path} does not exist")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                n_ids, shape = f["ids"].shape[0], f["embeddings"].shape
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"store {self.path} is not a readable xmodal store: {exc}") from None
+        if not self.attrs.get("complete") and not allow_incomplete:
+            raise StoreError(f"store {self.path} is incomplete ({self.attrs.get('n')} rows so far; "
+                             "its extraction did not finish). Rerun the extraction to complete it, "
+                             "or pass allow_incomplete=True to read the rows it has.")
+        self.n = int(self.attrs.get("n", n_ids))
+        if n_ids < self.n or shape[0] < self.n:
+            raise StoreError(f"store {self.path} is inconsistent: {n_ids} ids, {shape[0]} embedding rows, "
+                             f"but n={self.n}")
+        self.dim = int(shape[1])
+        self._ids: np.ndarray | None = None
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({self.path}, n={self.n}, dim={self.dim}, encoder={self.attrs.get('encoder_spec')})"
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            with h5py.File(self.path, "r") as f:
+                self._ids = f["ids"].asstr()[: self.n].astype(object)
+        return self._ids
+
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.ids)}
+        return self._index
+
+    @property
+    def digest(self) -> str:
+        """Identifies the content: encoder weights x manifest x spec."""
+        import hashlib
+
+        key = "|".join(str(self.attrs.get(k, "")) for k in IDENTITY_ATTRS)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def errors(self):
+        import pandas as pd
+
+        with h5py.File(self.path, "r") as f:
+            e = int(self.attrs.get("n_errors", f["errors/ids"].shape[0]))
+            return pd.DataFrame({"id": f["errors/ids"].asstr()[:e], "reason": f["errors/reasons"].asstr()[:e]})
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Contiguous rows as float32: the fast path (HDF5 reads slices, not index lists, quickly)."""
+        stop = min(stop, self.n)
+        with h5py.File(self.path, "r") as f:
+            return f["embeddings"][start:stop].astype(np.float32, copy=False)
+
+    def iter_chunks(self, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, embeddings) blocks in store order; memory stays at one block."""
+        ids = self.ids
+        with h5py.File(self.path, "r") as f:
+            ds = f["embeddings"]
+            for start in range(0, self.n, rows):
+                stop = min(start + rows, self.n)
+                yield ids[start:stop], ds[start:stop].astype(np.float32, copy=False)
+
+    def embeddings(self) -> np.ndarray:
+        return self.read_rows(0, self.n)
+
+    def get(self, ids: Sequence[str]) -> np.ndarray:
+        """Embeddings for ``ids`` in the order given; names the ids it does not hold."""
+        missing = [i for i in ids if i not in self.index]
+        if missing:
+            raise KeyError(f"store {self.path} has no ids {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        rows = np.fromiter((self.index[i] for i in ids), dtype=np.int64, count=len(ids))
+        return self.take(rows)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by position in any order: read the covering slice once, select in memory."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if (hi - lo) <= 4 * rows.size + 4096:
+            return self.read_rows(lo, hi)[rows - lo]
+        out = np.empty((rows.size, self.dim), np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        with h5py.File(self.path, "r") as f:
+            ds = f["embeddings"]
+            step = 65536
+            for start in range(lo, hi, step):
+                sel = (sorted_rows >= start) & (sorted_rows < start + step)
+                if sel.any():
+                    block = ds[start:min(start + step, hi)].astype(np.float32, copy=False)
+                    out[order[sel]] = block[sorted_rows[sel] - start]
+        return out
+
+
+@dataclass
+class PairedStores:
+    """Two stores joined by id: row i of the pair is source row ``src_rows[i]`` and target row ``tgt_rows[i]``.
+
+    ``read_rows`` makes it a chunk reader for training on data larger than memory;
+    ``arrays`` loads it all when it fits.
+    """
+
+    source: EmbeddingStore
+    target: EmbeddingStore
+    ids: np.ndarray
+    src_rows: np.ndarray
+    tgt_rows: np.ndarray
+    dropped_source: int
+    dropped_target: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.take(self.src_rows[start:stop]), self.target.take(self.tgt_rows[start:stop])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.read_rows(0, len(self))
+
+
+def join_stores(source: str | Path | EmbeddingStore, target: str | Path | EmbeddingStore, *,
+                require_same_ids: bool = False) -> PairedStores:
+    """Align two stores by id, in the source store's order.
+
+    Stores made from one manifest usually differ only by the rows each could not embed; those
+    are dropped and counted. ``require_same_ids`` turns any difference into an error.
+    """
+    src = source if isinstance(source, EmbeddingStore) else EmbeddingStore(source)
+    tgt = target if isinstance(target, EmbeddingStore) else EmbeddingStore(target)
+    tindex = tgt.index
+    src_rows, tgt_rows = [], []
+    for i, k in enumerate(src.ids):
+        j = tindex.get(k)
+        if j is not None:
+            src_rows.append(i)
+            tgt_rows.append(j)
+    if not src_rows:
+        raise StoreError(f"stores {src.path} and {tgt.path} share no ids "
+                         f"(e.g. {list(src.ids[:2])} vs {list(tgt.ids[:2])}); were they built from the same manifest?")
+    if require_same_ids and (len(src_rows) != len(src) or len(src_rows) != len(tgt)):
+        raise StoreError(f"stores {src.path} ({len(src)} rows) and {tgt.path} ({len(tgt)} rows) do not hold "
+                         f"the same ids: {len(src_rows)} in common")
+    s, t = np.asarray(src_rows, np.int64), np.asarray(tgt_rows, np.int64)
+    return PairedStores(src, tgt, src.ids[s], s, t, len(src) - len(s), len(tgt) - len(t))

@@ -1,0 +1,54 @@
+"""MLflow wiring: where runs go, and small helpers that log with an explicit run id.
+
+MLflow's active run is thread-local, and Prefect runs tasks on worker threads, so everything here
+takes a ``run_id`` instead of relying on ``mlflow.active_run()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flows import _env  # noqa: F401
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """Explicit argument, else $MLFLOW_TRACKING_URI, else a sqlite store in the working folder."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    return exp.experiment_id if exp else mlflow.create_experiment(name)
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for k, v in params.items():
+        client.log_param(run_id, k, "" if v is None else str(v)[:6000])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    client = MlflowClient()
+    for k, v in metrics.items():
+        if v is not None:
+            client.log_metric(run_id, k, float(v), step=step or 0)
+
+
+def log_json(run_id: str, obj: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_text(json.dumps(obj, indent=2, default=str))
+        MlflowClient().log_artifact(run_id, str(path))
+
+
+def log_file(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
