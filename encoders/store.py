@@ -147,7 +147,9 @@ class StoreWriter:
     def _create(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w", libver="latest") as f:
+        # Default libver on purpose: "latest" marks the file open-for-write in its superblock, and a
+        # writer killed with -9 would leave a file HDF5 refuses to reopen without h5clear.
+        with h5py.File(tmp, "w") as f:
             f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(max(self.chunk_rows, 1024),))
             f.create_dataset("embeddings", shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
                              chunks=(self.chunk_rows, self.dim))
@@ -371,6 +373,10 @@ class PairedStores:
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         return self.source.take(self.src_rows[start:stop]), self.target.take(self.tgt_rows[start:stop])
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs at positions ``rows`` (e.g. one split), read by covering slices."""
+        return self.source.take(self.src_rows[rows]), self.target.take(self.tgt_rows[rows])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.read_rows(0, len(self))

@@ -6,6 +6,7 @@
 """
 
 from flows import _env  # noqa: F401  (must run before prefect/mlflow import)
+from flows.align import AlignParams, align
 from flows.extract import ExtractParams, extract_embeddings
 
-__all__ = ["ExtractParams", "extract_embeddings"]
+__all__ = ["AlignParams", "ExtractParams", "align", "extract_embeddings"]

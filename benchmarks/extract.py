@@ -1,0 +1,327 @@
+"""Extraction benchmark: the Prefect flow against a bare open_clip loop, and the writer's memory.
+
+    .venv/bin/python benchmarks/extract.py [--quick] [--threads N] [--keep]
+
+(a) Throughput. open_clip ViT-B-32 at RANDOM init (no weights are loaded or downloaded) over
+    ~300 generated 224x224 RGB PNGs, batch size 32, the same torch thread count on both sides.
+    Peer: the loop a user would write (PIL open + convert, preprocess, stack, encode_image,
+    L2-normalise) under inference_mode. Flow: ``extract_embeddings`` and the items/s it logs to
+    MLflow (the timed extract loop: decode + forward + HDF5 writes; model creation, weight
+    hashing and the Prefect server start are outside it). The flow's end-to-end wall time is
+    reported separately. The bare loop runs before and after the flow and the better pass is
+    used, so machine noise favours the peer. ratio = flow items/s / bare items/s (goal >= 1.0).
+(b) Memory. Peak RSS of ``encoders.extract.extract`` over N=5,000 and N=50,000 short texts with
+    the tiny text tower (data/models/xmodal-tiny-vit.json), each in a fresh subprocess that imports
+    only ``encoders`` (no prefect, no mlflow). ratio = peak(50k) / peak(5k) (goal <= 1.1).
+
+Human-readable figures go to stdout as it runs; the last stdout line is one JSON object with all
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import LOADS, ROOT, emit_json, last_json_line, peak_rss_mib, phase, ru_maxrss_mib, rss_mib  # noqa: E402
+
+IMAGE_SPEC = "open_clip:image:ViT-B-32?batch_size=32"
+IMAGE_ARCH = "ViT-B-32"
+IMAGE_SIZE = 224
+BATCH = 32
+TEXT_SPEC = "open_clip:text:data/models/xmodal-tiny-vit.json?batch_size=256"
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) memory: child process
+# ---------------------------------------------------------------------------------------------
+
+
+def mem_child(manifest_csv: str, out_dir: str, threads: int) -> None:
+    """Runs in a fresh interpreter: one extraction, then its own figures as JSON."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from encoders.extract import extract, store_path
+    from encoders.factory import load_encoder
+    from encoders.manifest import Manifest
+    from encoders.store import EmbeddingStore
+
+    rss_after_import = rss_mib()
+    t0 = time.perf_counter()
+    encoder = load_encoder(TEXT_SPEC)
+    load_s = time.perf_counter() - t0
+    manifest = Manifest.read(manifest_csv)
+    rss_before = rss_mib()
+    store = store_path(out_dir, manifest.name, "text", encoder.spec.slug)
+    summary = extract(manifest, "text", encoder, store, overwrite=True)
+    peak, method = peak_rss_mib()
+    n_store = len(EmbeddingStore(store))
+    emit_json({
+        "n": summary.n, "n_store": n_store, "n_errors": summary.n_errors, "dim": summary.dim,
+        "seconds": round(summary.seconds, 3), "items_per_s": round(summary.items_per_s, 1),
+        "encoder_load_s": round(load_s, 2), "weights_origin": encoder.origin,
+        "rss_after_import_mib": round(rss_after_import, 1), "rss_before_extract_mib": round(rss_before, 1),
+        "rss_after_extract_mib": round(rss_mib(), 1), "peak_rss_mib": round(peak, 1), "peak_method": method,
+        "ru_maxrss_mib": round(ru_maxrss_mib(), 1), "torch_threads": torch.get_num_threads(),
+        "imported_prefect": "prefect" in sys.modules, "imported_mlflow": "mlflow" in sys.modules,
+    })
+
+
+def write_text_manifest(path: Path, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        for i in range(n):
+            w.writerow([f"t{i:06d}", f"item {i} of the set"])
+    return path
+
+
+def run_memory(tmp: Path, sizes: list[int], threads: int, timings: dict) -> dict:
+    runs = {}
+    for n in sizes:
+        manifest = write_text_manifest(tmp / f"texts-{n}" / "manifest.csv", n)
+        with phase(f"memory N={n:,} (fresh subprocess)", timings):
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--mem-child", str(manifest), str(tmp / "mem-stores"),
+                 "--threads", str(threads)],
+                cwd=ROOT, capture_output=True, text=True,
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child for N={n} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        r = last_json_line(proc.stdout)
+        if r["n"] != n or r["n_store"] != n:
+            raise RuntimeError(f"memory child for N={n} stored {r['n']} / {r['n_store']} rows, expected {n}")
+        runs[n] = r
+        print(f"  N={n:>7,}: peak RSS {r['peak_rss_mib']:.1f} MiB (RSS before extract {r['rss_before_extract_mib']:.1f} MiB, "
+              f"growth during extract {r['peak_rss_mib'] - r['rss_before_extract_mib']:+.1f} MiB), "
+              f"{r['items_per_s']:,.0f} items/s over {r['seconds']:.1f} s, dim {r['dim']}, "
+              f"prefect imported: {r['imported_prefect']}", flush=True)
+    lo, hi = min(sizes), max(sizes)
+    ratio = runs[hi]["peak_rss_mib"] / runs[lo]["peak_rss_mib"]
+    return {
+        "encoder": TEXT_SPEC, "weights": runs[lo]["weights_origin"], "entrypoint": "encoders.extract.extract",
+        "peak_method": runs[lo]["peak_method"], "sizes": sizes,
+        "runs": {str(n): r for n, r in runs.items()},
+        "peak_rss_mib_small": runs[lo]["peak_rss_mib"], "peak_rss_mib_large": runs[hi]["peak_rss_mib"],
+        "ratio_large_over_small": round(ratio, 4), "goal": "<= 1.1", "meets_goal": ratio <= 1.1,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """n smooth-ish random 224x224 RGB PNGs (blocky colour fields + noise) and manifest.csv (id,image)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.int16)
+        rel = f"img/{i:05d}.png"
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB").save(folder / rel)
+        rows.append((f"im{i:05d}", rel))
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "image"])
+        w.writerows(rows)
+    return folder / "manifest.csv"
+
+
+def bare_pass(model, preprocess, paths: list[str]):
+    """What a user would write. Returns (items/s, seconds, (N, D) embeddings)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(paths), BATCH):
+            x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[lo:lo + BATCH]])
+            out.append(F.normalize(model.encode_image(x), dim=-1))
+    seconds = time.perf_counter() - t0
+    return len(paths) / seconds, seconds, torch.cat(out)
+
+
+def run_throughput(tmp: Path, n_images: int, threads: int, timings: dict) -> dict:
+    with phase(f"generate {n_images} PNGs {IMAGE_SIZE}x{IMAGE_SIZE}", timings):
+        manifest = write_images(tmp / "bench-images", n_images)
+    with phase("import torch + open_clip", timings):
+        import open_clip
+        import torch
+    torch.set_num_threads(threads)
+    from encoders.manifest import Manifest
+
+    paths = Manifest.read(manifest).values("image", "image")
+
+    with phase("bare: create model (random-init) + warm-up batch", timings):
+        torch.manual_seed(0)  # the same seed the encoder uses, so both sides compute identical embeddings
+        model, _, preprocess = open_clip.create_model_and_transforms(IMAGE_ARCH)
+        model.eval()
+        bare_pass(model, preprocess, paths[:BATCH])
+    with phase("bare: pass 1 (before flow)", timings):
+        ips1, sec1, emb_bare = bare_pass(model, preprocess, paths)
+    print(f"  bare pass 1: {ips1:.2f} items/s ({n_images} images in {sec1:.1f} s)", flush=True)
+
+    prefect_home = tmp / "prefect-home"  # isolated Prefect DB: no contention with ~/.prefect or other runs
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with phase("import flows (prefect + mlflow)", timings):
+        import mlflow
+
+        from flows import ExtractParams, extract_embeddings
+    params = ExtractParams(manifest=str(manifest), column="image", encoder=IMAGE_SPEC, out_dir=str(tmp / "stores"),
+                           tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    with phase("flow: extract_embeddings end-to-end", timings):
+        t0 = time.perf_counter()
+        res = extract_embeddings(params)
+        e2e = time.perf_counter() - t0
+    threads_after_flow = torch.get_num_threads()
+    flow_ips = float(res["items_per_s"])
+    logged = mlflow.MlflowClient(tracking_uri=params.tracking_uri).get_run(res["run_id"]).data.metrics
+    print(f"  flow: {flow_ips:.2f} items/s in its extract loop ({res['n']} items in {res['seconds']:.1f} s; "
+          f"MLflow metric items_per_s = {logged.get('items_per_s', float('nan')):.2f}); "
+          f"end-to-end {e2e:.1f} s incl. Prefect ephemeral-server start, model build, weight hashing, MLflow logging "
+          f"= {res['n'] / e2e:.2f} items/s end-to-end; weights {res.get('weights_origin')}", flush=True)
+
+    with phase("bare: pass 2 (after flow)", timings):
+        ips2, sec2, _ = bare_pass(model, preprocess, paths)
+    print(f"  bare pass 2: {ips2:.2f} items/s ({n_images} images in {sec2:.1f} s)", flush=True)
+
+    from encoders.store import EmbeddingStore
+
+    store = EmbeddingStore(res["store"])
+    emb_flow = torch.from_numpy(store.get([f"im{i:05d}" for i in range(n_images)]))
+    max_diff = float((emb_flow - emb_bare).abs().max())
+
+    bare = max(ips1, ips2)
+    ratio = flow_ips / bare
+    return {
+        "encoder": IMAGE_SPEC, "weights": res.get("weights_origin", "random-init"), "n_images": n_images,
+        "image_size": IMAGE_SIZE, "batch_size": BATCH, "n_stored": res["n"], "n_errors": res["n_errors"],
+        "bare_items_per_s_before": round(ips1, 3), "bare_items_per_s_after": round(ips2, 3),
+        "bare_items_per_s": round(bare, 3), "bare_rule": "max of the passes before and after the flow",
+        "flow_items_per_s": round(flow_ips, 3), "flow_items_per_s_mlflow_metric": logged.get("items_per_s"),
+        "flow_extract_seconds": round(res["seconds"], 2),
+        "flow_end_to_end_seconds": round(e2e, 2), "flow_end_to_end_items_per_s": round(res["n"] / e2e, 3),
+        "ratio_flow_over_bare": round(ratio, 4), "goal": ">= 1.0", "meets_goal": ratio >= 1.0,
+        "max_abs_diff_flow_vs_bare_embeddings": max_diff, "torch_threads_after_flow": threads_after_flow,
+        "mlflow_run_id": res["run_id"], "prefect_home": os.environ.get("PREFECT_HOME"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and texts (a smoke run)")
+    ap.add_argument("--images", type=int, default=None, help="images for (a) (default 300, --quick 64)")
+    ap.add_argument("--mem-sizes", default=None, help="comma-separated N for (b) (default 5000,50000; --quick 2000,20000)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every side (default: usable CPUs)")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder (images, stores, mlflow.db)")
+    ap.add_argument("--mem-child", nargs=2, metavar=("MANIFEST", "OUT_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    threads = args.threads or default_threads()
+
+    if args.mem_child:
+        mem_child(*args.mem_child, threads=threads)
+        return
+
+    n_images = args.images or (64 if args.quick else 300)
+    sizes = [int(s) for s in (args.mem_sizes or ("2000,20000" if args.quick else "5000,50000")).split(",")]
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="xmodal-bench-extract-"))
+    print(f"xmodal extraction benchmark{' (--quick)' if args.quick else ''}: torch threads = {threads} on every side "
+          f"(usable CPUs {default_threads()}), python {platform.python_version()}, temp {tmp}", flush=True)
+    result: dict = {"benchmark": "extract", "quick": args.quick, "torch_threads": threads, "usable_cpus": default_threads(),
+                    "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        if not args.skip_memory:
+            print(f"\n(b) memory: peak RSS of encoders.extract.extract, {TEXT_SPEC} (random-init tiny text tower), "
+                  f"N = {', '.join(f'{n:,}' for n in sizes)}, one fresh subprocess each", flush=True)
+            result["memory"] = run_memory(tmp, sizes, threads, timings)
+        if not args.skip_throughput:
+            print(f"\n(a) throughput: {IMAGE_SPEC} (random-init, no weights), {n_images} images, batch {BATCH}", flush=True)
+            result["throughput"] = run_throughput(tmp, n_images, threads, timings)
+    finally:
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    import importlib.metadata as md
+
+    result["versions"] = {p: md.version(p) for p in ("torch", "open_clip_torch", "prefect", "mlflow", "h5py")
+                          if _has(md, p)}
+    result["timings_s"] = timings
+    result["loadavg_1m_start_end"] = LOADS  # > torch threads means other processes competed for the CPUs
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+
+    print("\n== summary ==")
+    if "throughput" in result:
+        t = result["throughput"]
+        print(f"(a) ViT-B-32 random-init, {t['n_images']} images {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {threads} torch threads")
+        print(f"    bare open_clip loop : {t['bare_items_per_s_before']:.2f} (before flow), {t['bare_items_per_s_after']:.2f} "
+              f"(after flow) -> best {t['bare_items_per_s']:.2f} items/s (the better pass, so noise favours the peer)")
+        print(f"    flow extract loop   : {t['flow_items_per_s']:.2f} items/s (as logged to MLflow: "
+              f"{t['flow_items_per_s_mlflow_metric']})")
+        print(f"    ratio flow / bare   : {t['ratio_flow_over_bare']:.3f} (goal >= 1.0: {'met' if t['meets_goal'] else 'NOT met'})")
+        print(f"    flow end-to-end wall: {t['flow_end_to_end_seconds']:.1f} s = {t['flow_end_to_end_items_per_s']:.2f} items/s "
+              "(includes Prefect ephemeral-server start, model build + weight hashing, MLflow logging; not the ratio's numerator)")
+        print(f"    embeddings flow vs bare: max |diff| = {t['max_abs_diff_flow_vs_bare_embeddings']:.2e} (same seed, same work)")
+    if "memory" in result:
+        m = result["memory"]
+        lo, hi = m["sizes"][0], m["sizes"][-1]
+        print(f"(b) tiny text tower via encoders.extract.extract, fresh subprocess per N, peak = {m['peak_method']}")
+        for n in m["sizes"]:
+            r = m["runs"][str(n)]
+            print(f"    N={n:>7,}: peak RSS {r['peak_rss_mib']:.1f} MiB, {r['items_per_s']:,.0f} items/s")
+        print(f"    ratio peak({hi:,}) / peak({lo:,}) = {m['ratio_large_over_small']:.3f} "
+              f"(goal <= 1.1: {'met' if m['meets_goal'] else 'NOT met'})")
+    print("    phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    loads = [x for pair in LOADS.values() for x in pair if x is not None]
+    if loads:
+        print(f"    1-min load average during the run: {min(loads):.2f} .. {max(loads):.2f} on {default_threads()} usable CPUs"
+              f"{' (other processes competed for the CPUs: timings are noisy)' if max(loads) > default_threads() + 0.5 else ''}")
+    print(f"    total {result['total_s']:.1f} s")
+    emit_json(result)
+
+
+def _has(md, name: str) -> bool:
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
