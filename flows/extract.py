@@ -68,7 +68,44 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-@task(name="extract-store", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def _weights_fingerprint(spec: EncoderSpec) -> str:
+    """Cheap stand-in for the weights digest: what names the weights, and the files' size and mtime."""
+    parts = [spec.identity]
+    for candidate in (spec.weights, spec.model, spec.model.removeprefix("local-dir:")):
+        if candidate and Path(candidate).exists():
+            p = Path(candidate)
+            files = sorted(p.rglob("*")) if p.is_dir() else [p]
+            parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return "|".join(parts)
+
+
+def extraction_cache_key(context, parameters: dict) -> str | None:
+    """Manifest content x encoder x weights x destination: the same inputs reuse the same store."""
+    import hashlib
+
+    params: ExtractParams = parameters["params"]
+    try:
+        manifest = Manifest.read(params.manifest)
+        spec = EncoderSpec.parse(params.encoder)
+        key = "|".join([manifest.digest(params.column), _weights_fingerprint(spec),
+                        str(Path(params.out_dir).resolve()), params.column, params.store_dtype, params.on_error])
+    except Exception:  # an unreadable manifest is reported by the task itself
+        return None
+    return "extract-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _store_complete(path: str) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:
+        return False
+
+
+@task(name="extract-store", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
+      cache_key_fn=extraction_cache_key, persist_result=True)
 def extract_store(params: ExtractParams) -> dict:
     logger = get_run_logger()
     manifest = Manifest.read(params.manifest)
@@ -116,7 +153,13 @@ def extract_embeddings(params: ExtractParams) -> dict:
     run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
     run_id = run.info.run_id
     try:
-        s = extract_store(params)
+        state = extract_store.with_options(refresh_cache=params.refresh)(params, return_state=True)
+        s = state.result()
+        if state.is_completed() and state.name == "Cached":
+            if _store_complete(s["store"]):
+                s = s | {"reused": True, "cached": True}
+            else:  # a cached result whose store was deleted since: rebuild it
+                s = extract_store.with_options(refresh_cache=True)(params)
         tracking.log_params(run_id, {
             "encoder_spec": s["encoder_spec"], "dataset": dataset, "column": params.column, "manifest": params.manifest,
             "N": s["n"], "dim": s["dim"], "dtype": s["dtype"], "batch_size": s["batch_size"],
@@ -129,6 +172,7 @@ def extract_embeddings(params: ExtractParams) -> dict:
         client.set_tag(run_id, "weights_origin", s["weights_origin"])
         client.set_tag(run_id, "xmodal.weights_digest", s["weights_digest"])
         client.set_tag(run_id, "xmodal.reused_store", str(s["reused"]).lower())
+        client.set_tag(run_id, "xmodal.prefect_cached", str(s.get("cached", False)).lower())
         summary = {k: v for k, v in s.items() if k != "errors"}
         tracking.log_json(run_id, summary, "store_summary.json")
         if s["errors_csv"]:
