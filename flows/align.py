@@ -166,16 +166,16 @@ def align(params: AlignParams) -> dict:
                                         name=Path(store.path).stem[:60], digest=store.digest)
             mlflow.log_input(ds, context=ctx)
 
-        # closed-form baselines on the same split
-        if in_memory:
-            baselines = fit_baselines_task(train_set.x.numpy(), train_set.y.numpy(), params.baselines)
-        else:
-            baselines = fit_baselines_task(*pairs.take(split["train"][:200_000]), params.baselines)
+        # closed-form baselines on the same split (on a 200k-pair sample when streaming)
+        x_fit, y_fit = ((train_set.x.numpy(), train_set.y.numpy()) if in_memory
+                        else pairs.take(split["train"][:200_000]))
+        baselines = fit_baselines_task(x_fit, y_fit, params.baselines)
 
         def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
 
         model = make_projector(pcfg, seed=params.train.seed)
+        model.fit_stats(x_fit, y_fit)
         loss_fn = build_loss(params.loss)
         result = train_projector(model, loss_fn, train_set, val_set, params.train,
                                  checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
