@@ -25,15 +25,16 @@ Unfreeze policy (``apply_unfreeze``), per backend; names are relative to ``encod
   open_clip image timm   visual.trunk.blocks|stages.*            trunk norm/fc_norm/head, visual.head
   open_clip text         transformer.resblocks.* (or text.*)     ln_final, text_projection (or text.* same)
   HF (BERT, ViT, ...)    encoder.layer.* / encoder.layers.* /    final norm next to the block stack (ViT
-                         transformer.layer.* / layers.* / h.*     ``layernorm``, CLIP ``final_layer_norm``, ...)
-                         (first match; else the longest           and ``pooler`` only if spec.pooling=="pooler"
-                         ModuleList named like a layer stack)
+                         transformer.layer.* / layers.* / h.*    ``layernorm``, CLIP ``final_layer_norm``, ...)
+                         (first match; else the longest          and ``pooler`` only if spec.pooling=="pooler"
+                         ModuleList named like a layer stack;
+                         transformers-5 ViT: ``layers.*``)
   =====================  =====================================  ==============================================
 
 ``all`` unfreezes the encoder's *tower*: for open_clip the tower in use only (image: ``visual.*``;
 text: everything but ``visual.*`` and the logit scale/bias), for HF the whole model except an
-unused pooler. Parameters that never receive a gradient are left frozen, so "trainable" means
-"can change". Frozen parts always stay in eval mode (dropout off, norm statistics fixed) and are
+unused pooler. Parts the forward never uses (an HF pooler under cls/mean pooling) stay frozen, so
+"trainable" means "can change". Frozen parts always stay in eval mode (dropout off, norm statistics fixed) and are
 bit-identical after training; trainable parts are in train mode during training steps.
 
 After ``finetune`` returns, the encoder is frozen again (requires_grad False, eval) but HOLDS the
@@ -44,6 +45,10 @@ plain dict of tensors/numbers (``torch.load(weights_only=True)``): trainable enc
 name, plus buffers inside unfrozen modules), projector, head, optimiser, scheduler, RNG, epoch,
 step, best state, early-stopping counters, history. A rerun with the same config resumes from it;
 with the same seed, device and thread count the result is bit-identical to an uninterrupted run.
+
+Artifacts (``save_finetuned`` / ``load_finetuned``, no pickle): ``projector/`` (stage-1 format),
+``head.safetensors`` + ``head.json``, ``encoder_trainable.safetensors`` (only the encoder tensors
+that could change) and ``finetune.json`` (encoder spec, weights digest, policy, best metric).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from encoders.frozen import FrozenEncoder, freeze, weights_digest
 from projection.finetune_config import FinetuneConfig
 from projection.losses import InfoNCELoss
 from projection.metrics import bidirectional_ranks
-from projection.projector import Projector, load_projector
+from projection.projector import load_projector, save_projector
 from projection.train import _atomic_save, _epoch_seed, warmup_cosine
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
@@ -114,7 +119,7 @@ def _hf_layout(root: nn.Module, prefix: str, pooling: str, spec: Any) -> tuple[l
     """(blocks, post, exclude) of a transformers model living at ``prefix`` ('' = root)."""
     model = _get(root, prefix) if prefix else root
     j = (lambda n: f"{prefix}.{n}" if prefix else n)  # noqa: E731
-    stack = next((p for p in _HF_BLOCK_PATHS if isinstance(getattr_path(model, p), nn.ModuleList)), None)
+    stack = next((p for p in _HF_BLOCK_PATHS if isinstance(_getattr_path(model, p), nn.ModuleList)), None)
     if stack is None:  # generic fallback: the longest ModuleList named like a layer stack
         cands = [(len(m), n) for n, m in model.named_modules()
                  if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layer", "layers", "h", "block", "blocks", "resblocks") and len(m)]  # fmt: skip
@@ -140,7 +145,7 @@ def _hf_layout(root: nn.Module, prefix: str, pooling: str, spec: Any) -> tuple[l
     return [j(b) for b in _children(model, stack)], [j(p) for p in post], [j(e) for e in exclude]
 
 
-def getattr_path(root: Any, name: str) -> Any:
+def _getattr_path(root: Any, name: str) -> Any:
     obj = root
     for part in name.split("."):
         obj = getattr(obj, part, None)
@@ -157,7 +162,7 @@ def encoder_layout(encoder: FrozenEncoder) -> EncoderLayout:
         return EncoderLayout(blocks, post, [""], exclude)
     if spec.tower == "image":
         v = m.visual
-        if isinstance(getattr_path(v, "transformer.resblocks"), nn.ModuleList):  # open_clip VisionTransformer
+        if isinstance(_getattr_path(v, "transformer.resblocks"), nn.ModuleList):  # open_clip VisionTransformer
             blocks = _children(m, "visual.transformer.resblocks")
             post = [n for n in ("visual.attn_pool", "visual.attn_pool_contrastive", "visual.ln_post", "visual.proj") if _has(m, n)]
         elif all(hasattr(v, f"layer{i}") for i in range(1, 5)):  # ModifiedResNet
@@ -174,7 +179,7 @@ def encoder_layout(encoder: FrozenEncoder) -> EncoderLayout:
         return EncoderLayout(blocks, post, ["visual"])
     if hasattr(m, "text"):  # CustomTextCLIP / CoCa: the text tower is a submodule
         t = m.text
-        if isinstance(getattr_path(t, "transformer.resblocks"), nn.ModuleList):
+        if isinstance(_getattr_path(t, "transformer.resblocks"), nn.ModuleList):
             blocks = _children(m, "text.transformer.resblocks")
             post = [n for n in ("text.ln_final", "text.text_projection") if _has(m, n)]
             return EncoderLayout(blocks, post, ["text"])
@@ -503,6 +508,7 @@ class FinetuneResult:
     n_trainable_encoder: int  # number of scalars
     n_trainable_head: int  # projector + task head scalars
     val_metrics: dict[str, float] = field(default_factory=dict)  # all val metrics of the best epoch
+    encoder_state_keys: list[str] = field(default_factory=list)  # encoder state_dict keys that may have changed
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -648,7 +654,7 @@ def finetune(
                     model.eval()
                     _set_encoder_mode(encoder, prefixes, layout_exclude, training=False)
                     val = task_metrics(head, _outputs(model, val_in, cfg.eval_batch_size, autocast_on), y_val)
-                    metrics |= {f"val_{k}": v for k, v in val.items() if k != "metric"}
+                    metrics |= {f"val_{k}": v for k, v in val.items()}  # val_loss, val_<metric name>, val_metric, ...
                     value = val["metric"] if cfg.early_stop_on == "metric" else val["loss"]
                     better = value > s["best_value"] + cfg.min_delta if higher else value < s["best_value"] - cfg.min_delta
                     if better:
@@ -690,7 +696,7 @@ def finetune(
         best_epoch=s["best_epoch"], epochs_run=s["epoch"], steps=s["step"], stopped_early=s["stopped"],
         resumed_from_epoch=resumed_from, unfreeze=cfg.unfreeze, trainable_encoder_params=trainable_names,
         n_trainable_encoder=sum(p.numel() for _, p in enc_named), n_trainable_head=sum(p.numel() for _, p in head_named),
-        val_metrics=dict(s["best_metrics"]), history=s["history"],
+        val_metrics=dict(s["best_metrics"]), history=s["history"], encoder_state_keys=enc_state_keys,
     )  # fmt: skip
     if callback is not None:
         end = {"epochs_run": float(result.epochs_run), "best_epoch": float(result.best_epoch)}
@@ -715,6 +721,67 @@ def frozen_head_baseline(
     projector + head trained on frozen encoder features. Pass a FRESH projector (or its directory):
     the one given is trained in place. Use a different checkpoint_dir than the fine-tuning run."""
     return finetune(encoder, projector, train_data, val_data, cfg.model_copy(update={"unfreeze": "none"}), checkpoint_dir, callback)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+HEAD_FILE, HEAD_CONFIG_FILE = "head.safetensors", "head.json"
+ENCODER_FILE, FINETUNE_FILE, PROJECTOR_DIR = "encoder_trainable.safetensors", "finetune.json", "projector"
+
+
+def save_finetuned(result: FinetuneResult, directory: str | Path) -> Path:
+    """Write a fine-tuned model without pickle: ``projector/`` (save_projector), ``head.safetensors``
+    + ``head.json``, ``encoder_trainable.safetensors`` (only the encoder tensors that could change,
+    by name relative to encoder.module; empty for unfreeze='none') and ``finetune.json`` (encoder
+    spec, weights digest after fine-tuning, policy, best metric)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model = result.model
+    save_projector(model.projector, d / PROJECTOR_DIR)
+    head = model.head
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(d / HEAD_FILE))
+    head_cfg = {"task": head.task, "dim": model.projector.cfg.d_out,
+                "n_classes": head.linear.out_features if head.task == "classification" else None}  # fmt: skip
+    (d / HEAD_CONFIG_FILE).write_text(json.dumps(head_cfg, indent=2))
+    sd = model.encoder.module.state_dict()
+    save_file({k: sd[k].detach().cpu().contiguous() for k in result.encoder_state_keys}, str(d / ENCODER_FILE))
+    meta = {"encoder_spec": model.encoder.spec.identity, "weights_digest": model.encoder.digest, "unfreeze": result.unfreeze,
+            "metric_name": result.metric_name, "best_val_metric": result.best_val_metric, "best_epoch": result.best_epoch,
+            "encoder_state_keys": result.encoder_state_keys}  # fmt: skip
+    (d / FINETUNE_FILE).write_text(json.dumps(meta, indent=2))
+    return d
+
+
+def load_finetuned(directory: str | Path, encoder: FrozenEncoder) -> FinetuneModel:
+    """Rebuild a FinetuneModel from ``save_finetuned`` output on a freshly loaded ``encoder`` (same
+    spec): its fine-tuned tensors are copied into ``encoder.module`` and the digest is checked."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta = json.loads((d / FINETUNE_FILE).read_text())
+    if meta["encoder_spec"] != encoder.spec.identity:
+        raise ValueError(f"{d} was fine-tuned from {meta['encoder_spec']}, not {encoder.spec.identity}")
+    state = load_file(str(d / ENCODER_FILE), device=str(encoder.device))
+    if state:
+        unknown = set(state) - set(encoder.module.state_dict())
+        if unknown:
+            raise ValueError(f"{d} holds encoder tensors this encoder lacks: {sorted(unknown)[:5]}")
+        encoder.module.load_state_dict(state, strict=False)
+        freeze(encoder.module)
+        encoder.digest = weights_digest(encoder.module)
+    if encoder.digest != meta["weights_digest"]:
+        raise ValueError(f"encoder weights digest {encoder.digest[:12]} != saved {meta['weights_digest'][:12]}: different base weights?")
+    projector = load_projector(d / PROJECTOR_DIR, encoder.device)
+    head_cfg = json.loads((d / HEAD_CONFIG_FILE).read_text())
+    head = TaskHead(head_cfg["task"], head_cfg["dim"], n_classes=head_cfg["n_classes"])
+    head.load_state_dict(load_file(str(d / HEAD_FILE)))
+    return FinetuneModel(encoder, projector, head.to(encoder.device)).eval()
 
 
 def _clone(module: nn.Module) -> dict[str, torch.Tensor]:
