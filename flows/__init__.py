@@ -8,5 +8,8 @@
 from flows import _env  # noqa: F401  (must run before prefect/mlflow import)
 from flows.align import AlignParams, align
 from flows.extract import ExtractParams, extract_embeddings
+from flows.finetune import FinetuneParams, finetune
+from flows.pipeline import PipelineConfig, pipeline
 
-__all__ = ["AlignParams", "ExtractParams", "align", "extract_embeddings"]
+__all__ = ["AlignParams", "ExtractParams", "FinetuneParams", "align", "PipelineConfig", "extract_embeddings", "finetune",
+           "pipeline"]

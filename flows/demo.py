@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from data.build import build_all
-from flows.extract import ExtractParams, extract_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = ROOT / "data" / "models" / "xmodal-tiny-vit.json"
@@ -36,44 +35,32 @@ def text_encoder() -> str:
         return f"open_clip:text:{TINY_VIT}?batch_size=128"
 
 
-def demo_extractions(data_dir: Path) -> list[ExtractParams]:
-    m = build_all(data_dir)
-    img, txt = image_encoder(), text_encoder()
-    return [
-        ExtractParams(manifest=str(m["digits"]), column="image", encoder=img),
-        ExtractParams(manifest=str(m["digits"]), column="sketch", encoder=img),
-        ExtractParams(manifest=str(m["digits"]), column="caption", encoder=txt),
-        ExtractParams(manifest=str(m["digit_classes"]), column="caption", encoder=txt),
-        ExtractParams(manifest=str(m["scenes"]), column="rgb", encoder=img),
-        ExtractParams(manifest=str(m["scenes"]), column="depth", encoder=img),
-    ]
-
-
-def run_demo(data_dir: Path = ROOT / "data" / "generated") -> list[dict]:
-    from flows.align import AlignParams, align
+def run_demo(data_dir: Path = ROOT / "data" / "generated") -> dict:
+    """The main job on the sample data: the digits pipeline with stage 2, and RGB -> depth stage 1."""
+    from flows.pipeline import PipelineConfig, pipeline
 
     console = Console()
     t0 = time.perf_counter()
-    results = [extract_embeddings(p) for p in demo_extractions(data_dir)]
-    stores = {(r["dataset"], r["column"]): r["store"] for r in results}
-    train = {"epochs": 100, "batch_size": 64, "patience": 10}
-    aligned = {
-        "digits image -> caption": align(AlignParams(
-            source=stores["digits", "image"], target=stores["digits", "caption"], label_column="label",
-            class_store=stores["classes", "caption"], train=train)),
-        "scenes rgb -> depth": align(AlignParams(
-            source=stores["scenes", "rgb"], target=stores["scenes", "depth"], train=train)),
-    }
+    manifests = build_all(data_dir)
+    digits = pipeline(PipelineConfig(manifest=str(manifests["digits"]), class_manifest=str(manifests["digit_classes"]),
+                                     source_encoder=image_encoder(), target_encoder=text_encoder(),
+                                     finetune={"enabled": True}))
+    scenes = pipeline(PipelineConfig(manifest=str(manifests["scenes"]), source_column="rgb", target_column="depth",
+                                     source_encoder=image_encoder(), target_encoder=image_encoder(),
+                                     class_manifest=None, label_column=None))
+    runs = {"digits image -> caption": digits, "scenes rgb -> depth": scenes}
+
     table = Table(title="xmodal demo: embedding stores")
-    for col in ("store", "N", "dim", "errors", "items/s", "weights", "MLflow run"):
+    for col in ("store", "N", "dim", "errors", "items/s", "weights"):
         table.add_column(col)
-    for r in results:
-        table.add_row(f"{r['dataset']}/{Path(r['store']).name}", str(r["n"]), str(r["dim"]), str(r["n_errors"]),
-                      f"{r['items_per_s']:.0f}" if not r["reused"] else "reused", r["weights_origin"], r["run_id"][:12])
+    for r in digits["extract"] + scenes["extract"]:
+        table.add_row(f"{r['dataset']}/{r['column']}", str(r["n"]), str(r["dim"]), str(r["n_errors"]),
+                      "reused" if r["reused"] else f"{r['items_per_s']:.0f}", r["weights_origin"])
     console.print(table)
-    for title, r in aligned.items():
+    for title, run in runs.items():
+        r = run["align"]
         origin = r["weights_origin"]
-        t = Table(title=f"stage 1 {title} (held-out test split; encoders: source {origin['source']}, "
+        t = Table(title=f"stage 1 {title}: held-out test split (encoder weights: source {origin['source']}, "
                         f"target {origin['target']})")
         cols = ["mse", "cosine", "p2t_r1", "p2t_r10", "p2t_mrr", "t2p_r1", "zeroshot_acc"]
         cols = [c for c in cols if c in r["metrics"]["projector"]]
@@ -83,7 +70,15 @@ def run_demo(data_dir: Path = ROOT / "data" / "generated") -> list[dict]:
         for method, m in r["metrics"].items():
             t.add_row(method, *(f"{m[c]:.4f}" for c in cols))
         console.print(t)
-        console.print(f"  MLflow run {r['run_id']}")
-    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s. Open results: `mlflow ui` "
-                  "(then http://127.0.0.1:5000); Prefect runs: `prefect server start`.")
-    return results
+        if run["finetune"]:
+            f = run["finetune"]
+            console.print(f"stage 2 {f['task']} on the test split: {f['metric']} before (frozen-feature head) "
+                          f"{f['before']['metric']:.4f} -> after (fine-tuned) {f['after']['metric']:.4f}")
+            if f["alignment"]:
+                s1, s2 = f["alignment"]["stage1"], f["alignment"]["after_finetune"]
+                console.print(f"stage-1 alignment after stage 2 (forgetting): cosine {s1['cosine']:.4f} -> "
+                              f"{s2['cosine']:.4f}, p2t R@1 {s1['p2t_r1']:.4f} -> {s2['p2t_r1']:.4f}")
+        console.print(f"MLflow parent run {run['parent_run_id']}")
+    console.print(f"demo finished in {time.perf_counter() - t0:.1f} s. Open results: `.venv/bin/mlflow ui` "
+                  "(http://127.0.0.1:5000); Prefect UI: `.venv/bin/prefect server start`.")
+    return runs

@@ -52,3 +52,27 @@ def log_json(run_id: str, obj: Any, name: str) -> None:
 
 def log_file(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached: said before any compute starts."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI, one quick health probe; a database URI needs none."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is not reachable ({problem}); start it (e.g. `mlflow server --host "
+        "127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to use the local ./mlflow.db"
+    )
