@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests_support import ROOT
+from tests_support import TINY_RN
 
-TINY_RN = ROOT / "data" / "models" / "xmodal-tiny-rn.json"
 
 
 @pytest.fixture(scope="session")
