@@ -181,6 +181,7 @@ def align(params: AlignParams) -> dict:
                                  checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
         model.eval()
         save_projector(model, run_dir / "projector")
+        _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
 
         # evaluation on the held-out split, projector and baselines alike
         x_test, y_test = test_set.x.numpy(), test_set.y.numpy()
@@ -223,6 +224,21 @@ def align(params: AlignParams) -> dict:
             "metrics": {k: dict(v) for k, v in table.to_dict(orient="index").items()},
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
+
+
+def _publish_latest(run_dir: Path, latest: Path) -> None:
+    """A stable path to the newest projector of a (dataset, source, target): what stage 2 defaults to."""
+    import os
+    import shutil
+
+    tmp = latest.with_name(latest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir / "projector", tmp / "projector")
+    shutil.copy2(run_dir / "split.csv", tmp / "split.csv")
+    (tmp / "source_run.txt").write_text(str(run_dir) + "\n")
+    if latest.exists():
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

