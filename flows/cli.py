@@ -42,6 +42,87 @@ def build_data(out: str = typer.Option("data/generated", help="Output folder."))
 
 
 @app.command()
+def compare(
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: all)."),
+    run_id: Optional[list[str]] = typer.Option(None, "--run-id", help="Runs to compare (repeatable)."),
+    last: int = typer.Option(10, help="Without --run-id: the newest K runs."),
+    stage: str = typer.Option("align", help="align | finetune | extract | pipeline"),
+    plot: str = typer.Option("runs/compare.png", help="Where to write the comparison plot."),
+):
+    """Table of runs' params and final metrics (and a plot), newest first."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from flows.compare import compare_runs, comparison_plot
+
+    table = compare_runs(experiment, run_id, last, stage)
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
+        typer.echo(table.drop(columns=["started"]).to_string(index=False))
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"plot: {comparison_plot(table, plot)}")
+
+
+@app.command()
+def align(
+    source: str = typer.Argument(..., help="Source-modality store (.h5)."),
+    target: str = typer.Argument(..., help="Target-modality store (.h5)."),
+    kind: str = typer.Option("mlp", help="linear | mlp"),
+    hidden: int = typer.Option(1024, help="MLP hidden width."),
+    depth: int = typer.Option(1, help="MLP hidden layers."),
+    epochs: int = typer.Option(20, help="Maximum epochs."),
+    loss: str = typer.Option("mse", help="Loss terms, e.g. 'mse' or 'mse=1,infonce=0.1'."),
+    label_column: Optional[str] = typer.Option(None, help="Labels (for zero-shot) in the source manifest."),
+    class_store: Optional[str] = typer.Option(None, help="Class-prompt store in the target space."),
+    out_dir: str = typer.Option("runs/align", help="Where projectors go."),
+):
+    """Stage 1: train a projector source -> target, report it beside ridge and Procrustes."""
+    from flows.align import AlignParams, align as align_flow
+
+    terms = {t.split("=")[0]: float(t.split("=")[1]) if "=" in t else 1.0 for t in loss.split(",")}
+    align_flow(AlignParams(source=source, target=target, projector={"kind": kind, "hidden": hidden, "depth": depth},
+                           loss={"terms": terms}, train={"epochs": epochs}, label_column=label_column,
+                           class_store=class_store, out_dir=out_dir))
+
+
+@app.command()
+def finetune(
+    projector_dir: str = typer.Argument(..., help="Stage-1 projector folder."),
+    manifest: str = typer.Option(..., help="Manifest with raw inputs and the task column."),
+    source_column: str = typer.Option(..., help="Source modality column."),
+    source_encoder: str = typer.Option(..., help="Source encoder spec."),
+    task: str = typer.Option("classification", help="classification | regression | retrieval"),
+    unfreeze: str = typer.Option("none", help="none | last_n | all"),
+    last_n: int = typer.Option(1, help="Blocks to unfreeze with --unfreeze last_n."),
+    epochs: int = typer.Option(10, help="Maximum epochs."),
+    split_csv: Optional[str] = typer.Option(None, help="Stage-1 split.csv (keeps test ids unseen)."),
+    target_store: Optional[str] = typer.Option(None, help="Target store (retrieval; forgetting metrics)."),
+):
+    """Stage 2: fine-tune encoder (per policy) + projector + task head; prints before/after."""
+    from flows.finetune import FinetuneParams, finetune as finetune_flow
+
+    finetune_flow(FinetuneParams(projector_dir=projector_dir, manifest=manifest, source_column=source_column,
+                                 source_encoder=source_encoder, split_csv=split_csv, target_store=target_store,
+                                 config={"task": task, "unfreeze": unfreeze, "last_n": last_n, "epochs": epochs}))
+
+
+@app.command()
+def pipeline(
+    finetune_enabled: bool = typer.Option(False, "--finetune/--no-finetune", help="Run stage 2."),
+    config: Optional[str] = typer.Option(None, help="A JSON file with a full PipelineConfig."),
+):
+    """The whole pipeline (defaults: the sample data)."""
+    from pathlib import Path
+
+    from flows.pipeline import PipelineConfig, pipeline as pipeline_flow
+
+    cfg = PipelineConfig.model_validate_json(Path(config).read_text()) if config else PipelineConfig()
+    if finetune_enabled:
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": True})})
+    pipeline_flow(cfg)
+
+
+@app.command()
 def demo():
     """Run the whole pipeline on the bundled sample data with embedded defaults."""
     from flows.demo import run_demo

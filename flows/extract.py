@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -13,12 +14,15 @@ from flows import _env  # noqa: F401
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from encoders.extract import ExtractionError, extract, store_path
 from encoders.factory import load_encoder
 from encoders.frozen import EncoderUnavailable
 from encoders.manifest import Manifest, ManifestError
+from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
+                             static_error_check)
 from encoders.spec import EncoderSpec
 from encoders.store import StoreError
 from flows import tracking
@@ -45,6 +49,17 @@ class ExtractParams(BaseModel):
     experiment: str | None = Field(default=None, description="MLflow experiment (default 'xmodal-extract-<dataset>').")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(default=None, description="Nest this run under an MLflow parent run.")
+    shards: int = Field(
+        default=1, ge=1,
+        description="Split the manifest into this many contiguous row ranges and embed them in parallel on Dask "
+        "(one task per shard, each loading the encoder in its own worker), then merge them into the one store. "
+        "1 = in this process. The merged store equals the single-process one.",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Dask scheduler to run the shards on, e.g. 'tcp://127.0.0.1:8786'. Empty: start a local "
+        "cluster with `shards` worker processes of one thread each. Used only when shards > 1.",
+    )
 
     @field_validator("encoder")
     @classmethod
@@ -107,6 +122,8 @@ def _store_complete(path: str) -> bool:
 @task(name="extract-store", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
       cache_key_fn=extraction_cache_key, persist_result=True)
 def extract_store(params: ExtractParams) -> dict:
+    if params.shards > 1:  # the cache key and retries above cover the sharded path too: same inputs, same store
+        return extract_sharded.with_options(task_runner=dask_task_runner(params))(params)
     logger = get_run_logger()
     manifest = Manifest.read(params.manifest)
     manifest.require(params.column)
@@ -141,6 +158,120 @@ def extract_store(params: ExtractParams) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Scale-out: shards on Dask
+# ---------------------------------------------------------------------------------------------
+
+
+def dask_task_runner(params: ExtractParams):
+    """The task runner for the shards: an existing scheduler, or a LocalCluster of `shards` 1-thread processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if params.dask_address:
+        return DaskTaskRunner(address=params.dask_address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": params.shards, "threads_per_worker": 1, "processes": True,
+        "dashboard_address": "127.0.0.1:0",  # no fixed port; nothing listens beyond localhost
+    })
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def extract_shard(manifest: str, column: str, encoder: str, store: str, lo: int, hi: int, on_error: str,
+                  store_dtype: str, batch_size: int | None, overwrite: bool) -> dict:
+    """Rows [lo, hi) into the shard store at `store`. Plain arguments only: it runs in a Dask worker
+    process, which reads the manifest and loads the encoder itself (no handle crosses processes)."""
+    logger = get_run_logger()
+    m = Manifest.read(manifest)
+    enc = load_encoder(encoder)
+    logger.info("shard rows [%d, %d) of %s with %s -> %s", lo, hi, m.path, enc.spec, store)
+    s = extract_rows(m, column, enc, store, lo, hi, on_error=on_error, store_dtype=store_dtype,
+                     batch_size=batch_size, overwrite=overwrite)
+    out = s.__dict__ | {"lo": lo, "hi": hi, "weights_origin": enc.origin, "weights_digest": enc.digest,
+                        "encoder_spec": str(enc.spec), "encoded": round(s.items_per_s * s.seconds)}
+    out["errors"] = [list(e) for e in s.errors]
+    return out
+
+
+def _store_summary(store: Path, manifest: Manifest, column: str, shard_results: list[dict], seconds: float,
+                   encoded: int, batch_size: int) -> dict:
+    """The single-process summary's shape, read back from the merged store."""
+    import pandas as pd
+
+    from encoders.store import EmbeddingStore
+
+    st = EmbeddingStore(store)
+    errors = [list(e) for e in st.errors().itertuples(index=False, name=None)]
+    csv = None
+    if errors:
+        csv = str(store.with_suffix(".errors.csv"))
+        pd.DataFrame(errors, columns=["id", "reason"]).assign(column=column).to_csv(csv, index=False)
+    first = shard_results[0]
+    return {
+        "store": str(store), "dataset": manifest.name, "modality": column, "column": column, "n": st.n,
+        "n_errors": len(errors), "dim": st.dim, "dtype": str(st.attrs["dtype"]), "rows_total": len(manifest),
+        "resumed_from": sum(r["resumed_from"] for r in shard_results), "seconds": seconds,
+        "items_per_s": encoded / seconds if seconds > 0 and encoded else 0.0,
+        "reused": all(r["reused"] for r in shard_results), "errors_csv": csv, "errors": errors,
+        "weights_origin": first["weights_origin"], "weights_digest": first["weights_digest"],
+        "encoder_spec": first["encoder_spec"], "batch_size": batch_size, "shards": len(shard_results),
+    }
+
+
+@flow(name="extract_sharded", log_prints=True)
+def extract_sharded(params: ExtractParams) -> dict:
+    """One task per contiguous row range on the flow's (Dask) task runner, then one merged store.
+
+    Returns the same summary as the single-process `extract-store` task, plus `shards`.
+    """
+    logger = get_run_logger()
+    manifest = Manifest.read(params.manifest)
+    manifest.require(params.column)
+    spec = EncoderSpec.parse(params.encoder)
+    store = store_path(params.out_dir, manifest.name, params.column, spec.slug)
+    static = manifest.static_errors(params.column)  # on the FULL manifest: duplicates across shards count
+    static_error_check(manifest, params.column, static, params.on_error)
+    batch_size = params.batch_size or spec.batch_size
+    if not params.refresh and _store_complete(str(store)):
+        # A finished store: reuse it if it was made from these inputs, refuse it if not, exactly as
+        # the single-process path does (StoreWriter checks the identity attrs, weights included).
+        encoder = load_encoder(params.encoder)
+        s = extract(manifest, params.column, encoder, store, on_error=params.on_error,
+                    store_dtype=params.store_dtype, batch_size=params.batch_size)
+        out = s.__dict__ | {"weights_origin": encoder.origin, "weights_digest": encoder.digest,
+                            "encoder_spec": str(encoder.spec), "batch_size": batch_size, "shards": params.shards}
+        out["errors"] = [list(e) for e in s.errors]
+        return out
+
+    ranges = shard_ranges(len(manifest), params.shards, align=batch_size)
+    logger.info("%s/%s: %d rows in %d shards %s", manifest.name, params.column, len(manifest), len(ranges), ranges)
+    t0 = time.perf_counter()
+    paths = [str(shard_store_path(store, i, len(ranges))) for i in range(len(ranges))]
+    futures = [
+        extract_shard.with_options(task_run_name=f"extract-shard-{i}-of-{len(ranges)}").submit(
+            str(manifest.path), params.column, params.encoder, path, lo, hi, params.on_error, params.store_dtype,
+            params.batch_size, params.refresh)
+        for i, ((lo, hi), path) in enumerate(zip(ranges, paths))
+    ]
+    artifact = create_progress_artifact(0.0, key=_key("extract", manifest.name, params.column),
+                                        description=f"Embedding {manifest.name}/{params.column} in {len(ranges)} shards")
+    from prefect.futures import as_completed
+
+    rows = 0
+    for fut in as_completed(futures):
+        r = fut.result()
+        rows += r["hi"] - r["lo"]
+        update_progress_artifact(artifact, 100.0 * rows / max(len(manifest), 1))
+    results = [f.result() for f in futures]  # shard order
+    seconds = time.perf_counter() - t0
+    merge_shards(paths, store, {"manifest_digest": manifest.digest(params.column),
+                                "manifest_path": str(manifest.path), "seconds": seconds})
+    remove_shards(store)
+    update_progress_artifact(artifact, 100.0)
+    encoded = sum(r["encoded"] for r in results)
+    return _store_summary(store, manifest, params.column, results, seconds, encoded, batch_size)
+
+
 @flow(name="extract_embeddings", log_prints=True)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
@@ -163,7 +294,7 @@ def extract_embeddings(params: ExtractParams) -> dict:
         tracking.log_params(run_id, {
             "encoder_spec": s["encoder_spec"], "dataset": dataset, "column": params.column, "manifest": params.manifest,
             "N": s["n"], "dim": s["dim"], "dtype": s["dtype"], "batch_size": s["batch_size"],
-            "on_error": params.on_error, "store": s["store"],
+            "on_error": params.on_error, "store": s["store"], "shards": params.shards,
         })
         tracking.log_metrics(run_id, {"items_per_s": s["items_per_s"], "errors": s["n_errors"], "n": s["n"],
                                       "seconds": s["seconds"], "rows_total": s["rows_total"],

@@ -85,7 +85,6 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
     c = config
     uri = tracking.tracking_uri(c.tracking_uri)
-    tracking.check_reachable(uri)
     ensure_sample_data(c.manifest, c.class_manifest)
     from encoders.manifest import Manifest
 

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 def tracking_uri(uri: str | None = None) -> str:
     """Explicit argument, else $MLFLOW_TRACKING_URI, else a sqlite store in the working folder."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    check_reachable(uri)  # before any compute: a run that cannot be recorded should not start
     mlflow.set_tracking_uri(uri)
     return uri
 
