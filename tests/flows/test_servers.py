@@ -1,0 +1,173 @@
+"""Against real servers on loopback: `prefect server` + a process worker running the deployments,
+and an `mlflow server` receiving a whole pipeline over HTTP. Each server is started and stopped here,
+on a free port, within a bounded time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows import PipelineConfig, pipeline
+from flows.tracking import TrackingUnavailable
+from tests_support import ROOT, TINY_RN
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _small_config(sample_data, out: Path, **kw) -> dict:
+    return PipelineConfig(manifest=str(sample_data["digits"]), class_manifest=str(sample_data["digit_classes"]),
+                          source_encoder=f"open_clip:image:{TINY_RN}?batch_size=256", out_dir=str(out),
+                          align={"train": {"epochs": 3, "batch_size": 128}}, **kw).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PWD": str(ROOT)}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"{api}/health", proc, 120)
+        yield api, env, home
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample_data, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env, home = prefect_api
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, check=True,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    run("work-pool", "create", "xmodal-process", "--type", "process")
+    deployed = run("--no-prompt", "deploy", "--all")
+    assert "pipeline/pipeline" in deployed.stdout + deployed.stderr
+    log = open(home / "worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "xmodal-process", "--limit", "1"],
+                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                names = {d.name for d in client.read_deployments()}
+                assert {"pipeline", "extract-embeddings", "align", "finetune"} <= names
+                dep = client.read_deployment_by_name("pipeline/pipeline")
+                assert dep.schedules and not dep.schedules[0].active  # the example schedule ships inactive
+                assert "config" in dep.parameter_openapi_schema["properties"]
+            # a parameter of the wrong type is refused before any run starts, naming the field
+            with pytest.raises(Exception, match="epochs"):
+                run_deployment("pipeline/pipeline", timeout=0,
+                               parameters={"config": {"align": {"train": {"epochs": "many"}}}})
+            params = {"config": _small_config(sample_data, tmp_path / "runs")}
+            flow_run = run_deployment("pipeline/pipeline", parameters=params, timeout=540)
+            assert flow_run.state.is_completed(), (flow_run.state, (home / "worker.log").read_text()[-3000:])
+            with get_client(sync_client=True) as client:  # this server saw only this pipeline run
+                runs = client.read_flow_runs()
+                keys = {a.key for a in client.read_artifacts()}
+        assert {r.state.name for r in runs} == {"Completed"}
+        assert {"extract_embeddings", "align", "evaluate"} <= {client_flow for client_flow in _flow_names(api, runs)}
+        assert "pipeline-summary" in keys and any(k and k.startswith("align-") for k in keys)
+        assert (tmp_path / "runs" / "align").is_dir()
+    finally:
+        _stop(worker)
+        log.close()
+
+
+def _flow_names(api, runs) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return {client.read_flow(r.flow_id).name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
+                            stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_server, sample_data, tmp_path):
+    cfg = PipelineConfig.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=mlflow_server,
+                                                      experiment="xmodal-over-http"))
+    result = pipeline(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("xmodal-over-http")
+    runs = client.search_runs([exp.experiment_id])
+    pid = result["parent_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
+    assert {r.data.tags["xmodal.stage"] for r in children} == {"extract", "align", "evaluate"}
+    align_run = next(r for r in children if r.data.tags["xmodal.stage"] == "align")
+    assert align_run.data.metrics["test_p2t_r1"] == pytest.approx(result["align"]["metrics"]["projector"]["p2t_r1"])
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model(f"runs:/{align_run.info.run_id}/projector")
+    import torch
+
+    assert model(torch.zeros(2, 64)).shape == (2, 384)
+
+
+def test_unreachable_tracking_server_fails_before_any_compute(prefect_server, sample_data, tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    cfg = PipelineConfig.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=dead))
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingUnavailable, match=r"not reachable"):
+        pipeline(cfg)
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "runs").exists()  # nothing was extracted or trained
