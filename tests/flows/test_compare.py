@@ -1,0 +1,39 @@
+"""`xmodal compare`: runs with different projector configs side by side, as a table and a plot."""
+
+from __future__ import annotations
+
+import numpy as np
+from typer.testing import CliRunner
+
+from encoders.store import StoreWriter
+from flows import AlignParams, align
+from flows.cli import app
+from flows.compare import compare_runs
+
+
+def _store(path, ids, emb):
+    attrs = {"encoder_spec": "synthetic", "weights_digest": "w", "manifest_digest": path.name, "normalized": False,
+             "dataset": "synthetic", "modality": path.stem}
+    with StoreWriter(path, dim=emb.shape[1], attrs=attrs) as w:
+        w.append(ids, emb, rows_done=len(ids))
+        w.finish()
+    return str(path)
+
+
+def test_compare_prints_runs_with_different_projector_configs(prefect_server, mlflow_uri, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
+    ids = [f"p{i}" for i in range(300)]
+    src, tgt = _store(tmp_path / "src.h5", ids, x), _store(tmp_path / "tgt.h5", ids, y)
+    runs = [align(AlignParams(source=src, target=tgt, projector=proj, train={"epochs": 3}, out_dir=str(tmp_path),
+                              experiment="xmodal-compare-test"))["run_id"]
+            for proj in ({"kind": "linear"}, {"kind": "mlp", "hidden": 32})]
+    table = compare_runs("xmodal-compare-test", last=5)
+    assert set(runs) <= set(table["run_id"]) and set(table["projector.kind"]) == {"linear", "mlp"}
+    out = CliRunner().invoke(app, ["compare", "--experiment", "xmodal-compare-test", "--plot", str(tmp_path / "c.png")])
+    assert out.exit_code == 0, out.output
+    assert all(r in out.output for r in runs) and "linear" in out.output and "mlp" in out.output
+    assert "test_p2t_r1" in out.output and (tmp_path / "c.png").stat().st_size > 1000
+    bad = CliRunner().invoke(app, ["compare", "--experiment", "no-such-experiment"])
+    assert bad.exit_code != 0 and "no MLflow experiment 'no-such-experiment'" in str(bad.exception)
