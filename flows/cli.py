@@ -123,6 +123,27 @@ def pipeline(
 
 
 @app.command()
+def search(
+    query: str = typer.Argument(..., help="An image path, a text, or an id held by --source-store."),
+    target_store: str = typer.Option(..., "--target-store", "-t", help="Store to search (target space)."),
+    projector: Optional[str] = typer.Option(None, help="Stage-1 projector folder (source -> target space)."),
+    source_encoder: Optional[str] = typer.Option(None, help="Encoder spec for the query (default: the source store's)."),
+    source_store: Optional[str] = typer.Option(None, help="Store holding the query id / naming its encoder."),
+    k: int = typer.Option(10, "-k", help="How many results."),
+):
+    """Top-k ids (with cosine scores) of a target store for one query; exact, in chunks."""
+    from projection.search import search as search_fn
+
+    try:
+        results = search_fn(query, target_store=target_store, projector_dir=projector, source_encoder=source_encoder,
+                            source_store=source_store, k=k)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(results.table())
+
+
+@app.command()
 def demo():
     """Run the whole pipeline on the bundled sample data with embedded defaults."""
     from flows.demo import run_demo

@@ -66,3 +66,19 @@ def test_unknown_loss_name():
         LossConfig(terms={"mse": 1.0, "triplet": 1.0})
     with pytest.raises(ValueError, match="unknown loss name 'triplet'"):
         make_loss("triplet")
+
+
+def test_infonce_and_siglip_hand_values_on_two_orthonormal_pairs():
+    """a = b = I (2x2), so cos(a_i, b_j) = 1 if i == j else 0."""
+    import math
+
+    a = torch.eye(2)
+    # InfoNCE, temperature 1 (scale 1): logits [[1, 0], [0, 1]] both ways;
+    # each row's cross-entropy = -log(e / (e + 1)) = log(1 + 1/e), and the symmetric mean is the same.
+    expected = math.log(1 + math.exp(-1))
+    assert InfoNCELoss(temperature=1.0, learnable=False)(a, a).item() == pytest.approx(expected, rel=1e-6)
+    # SigLIP, scale 10, bias -10: logits = 10*cos - 10 -> 0 on the diagonal, -10 off it; labels +1 / -1.
+    # loss = -(sum over the 4 pairs of log sigmoid(label * logit)) / batch
+    #      = -(2 * log sigmoid(0) + 2 * log sigmoid(10)) / 2 = log 2 + log(1 + e^-10)
+    expected = math.log(2) + math.log(1 + math.exp(-10))
+    assert SigLIPLoss(10.0, -10.0, learnable=False)(a, a).item() == pytest.approx(expected, rel=1e-6)
