@@ -219,6 +219,7 @@ def align(params: AlignParams) -> dict:
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n")
     create_markdown_artifact(md, key=_key("align", dataset, str(src.attrs.get("modality")), str(tgt.attrs.get("modality"))))
+    tracking.link_artifact(run_id, _key("align-mlflow", dataset))
     print(f"{run_name} [{origins}] -> MLflow run {run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
     return {"run_id": run_id, "projector_dir": str(run_dir / "projector"), "run_dir": str(run_dir),
             "metrics": {k: dict(v) for k, v in table.to_dict(orient="index").items()},

@@ -190,6 +190,7 @@ def finetune(params: FinetuneParams) -> dict:
     if forgetting:
         md += "\nStage-1 alignment on the test split:\n\n" + reporting.markdown_table(reporting.metrics_table(forgetting))
     create_markdown_artifact(md, key=_key("finetune", dataset, cfg.task))
+    tracking.link_artifact(run_id, _key("finetune-mlflow", dataset))
     logger.info("%s: test %s before %.4f, after %.4f (MLflow run %s)", run_name, metric, test_before["metric"],
                 test_after["metric"], run_id)
     return {"run_id": run_id, "task": cfg.task, "metric": metric, "before": test_before, "after": test_after,

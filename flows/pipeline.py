@@ -160,4 +160,5 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
         md.append(f"\n\n**Stage 2** {stage2['task']}: test {stage2['metric']} before {stage2['before']['metric']:.4f}"
                   f" -> after {stage2['after']['metric']:.4f}")
     create_markdown_artifact("".join(md), key=_key("pipeline-summary"))
+    tracking.link_artifact(parent_run_id, _key("pipeline-mlflow"))
     return headline | {"evaluate_run_id": rid}

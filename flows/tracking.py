@@ -77,3 +77,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         f"MLflow tracking server {uri} is not reachable ({problem}); start it (e.g. `mlflow server --host "
         "127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to use the local ./mlflow.db"
     )
+
+
+def link_artifact(run_id: str, key: str) -> None:
+    """A Prefect link artifact to the MLflow run, when the tracking URI is a server a browser can open."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    from prefect.artifacts import create_link_artifact
+
+    run = MlflowClient().get_run(run_id)
+    create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
+                         link_text=f"MLflow run {run.info.run_name or run_id}", key=key)
