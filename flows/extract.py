@@ -185,21 +185,30 @@ def extract_shard(manifest: str, column: str, encoder: str, store: str, lo: int,
     m = Manifest.read(manifest)
     enc = load_encoder(encoder)
     logger.info("shard rows [%d, %d) of %s with %s -> %s", lo, hi, m.path, enc.spec, store)
+    started = time.time()  # wall clock, so the flow can measure the span over all shards
     s = extract_rows(m, column, enc, store, lo, hi, on_error=on_error, store_dtype=store_dtype,
                      batch_size=batch_size, overwrite=overwrite)
     out = s.__dict__ | {"lo": lo, "hi": hi, "weights_origin": enc.origin, "weights_digest": enc.digest,
-                        "encoder_spec": str(enc.spec), "encoded": round(s.items_per_s * s.seconds)}
+                        "encoder_spec": str(enc.spec), "encoded": round(s.items_per_s * s.seconds),
+                        "started": started, "ended": time.time()}
     out["errors"] = [list(e) for e in s.errors]
     return out
 
 
 def _store_summary(store: Path, manifest: Manifest, column: str, shard_results: list[dict], seconds: float,
-                   encoded: int, batch_size: int) -> dict:
-    """The single-process summary's shape, read back from the merged store."""
+                   batch_size: int) -> dict:
+    """The single-process summary's shape, read back from the merged store.
+
+    ``seconds`` is what the caller waited (cluster start, worker imports, encoding, merge);
+    ``items_per_s`` is the aggregate encoding rate: items encoded over the wall-clock span from
+    the first shard's start to the last shard's end (right whether shards overlapped or queued).
+    """
     import pandas as pd
 
     from encoders.store import EmbeddingStore
 
+    encoded = sum(r["encoded"] for r in shard_results)
+    span = max(r["ended"] for r in shard_results) - min(r["started"] for r in shard_results)
     st = EmbeddingStore(store)
     errors = [list(e) for e in st.errors().itertuples(index=False, name=None)]
     csv = None
@@ -211,7 +220,7 @@ def _store_summary(store: Path, manifest: Manifest, column: str, shard_results: 
         "store": str(store), "dataset": manifest.name, "modality": column, "column": column, "n": st.n,
         "n_errors": len(errors), "dim": st.dim, "dtype": str(st.attrs["dtype"]), "rows_total": len(manifest),
         "resumed_from": sum(r["resumed_from"] for r in shard_results), "seconds": seconds,
-        "items_per_s": encoded / seconds if seconds > 0 and encoded else 0.0,
+        "items_per_s": encoded / span if span > 0 and encoded else 0.0, "encode_seconds": span,
         "reused": all(r["reused"] for r in shard_results), "errors_csv": csv, "errors": errors,
         "weights_origin": first["weights_origin"], "weights_digest": first["weights_digest"],
         "encoder_spec": first["encoder_spec"], "batch_size": batch_size, "shards": len(shard_results),
@@ -267,9 +276,9 @@ def extract_sharded(params: ExtractParams) -> dict:
     merge_shards(paths, store, {"manifest_digest": manifest.digest(params.column),
                                 "manifest_path": str(manifest.path), "seconds": seconds})
     remove_shards(store)
+    seconds = time.perf_counter() - t0
     update_progress_artifact(artifact, 100.0)
-    encoded = sum(r["encoded"] for r in results)
-    return _store_summary(store, manifest, params.column, results, seconds, encoded, batch_size)
+    return _store_summary(store, manifest, params.column, results, seconds, batch_size)
 
 
 @flow(name="extract_embeddings", log_prints=True)

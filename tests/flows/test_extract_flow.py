@@ -52,7 +52,7 @@ def test_flow_logs_errors_table_and_rejects_bad_params(prefect_server, mlflow_ur
 def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, tmp_path):
     import time
 
-    (tmp_path / "m.csv").write_text("id,caption\n" + "".join(f"r{i},item number {i}\n" for i in range(300)))
+    (tmp_path / "m.csv").write_text("id,caption\n" + "".join(f"r{i},item number {i}\n" for i in range(4000)))
     params = ExtractParams(manifest=str(tmp_path / "m.csv"), column="caption",
                            encoder=f"open_clip:text:{TINY_VIT}?batch_size=32", out_dir=str(tmp_path / "stores"))
     t0 = time.perf_counter()
@@ -66,10 +66,10 @@ def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_ser
     assert MlflowClient().get_run(second["run_id"]).data.tags["xmodal.prefect_cached"] == "true"
     assert t_second < 0.5 * t_first, (t_first, t_second)
     refreshed = extract_embeddings(params.model_copy(update={"refresh": True}))
-    assert not refreshed.get("cached") and refreshed["n"] == 300
+    assert not refreshed.get("cached") and refreshed["n"] == 4000
     # a deleted store is rebuilt, not served from a stale cache entry
     import os
 
     os.remove(first["store"])
     rebuilt = extract_embeddings(params)
-    assert EmbeddingStore(rebuilt["store"]).n == 300
+    assert EmbeddingStore(rebuilt["store"]).n == 4000
