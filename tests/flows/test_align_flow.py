@@ -94,3 +94,18 @@ def test_bad_stores_are_clear_errors_naming_store_and_problem(prefect_server, ml
         f["embeddings"].resize(30, axis=0)
     with pytest.raises(StoreError, match=r"broken\.h5 is inconsistent: 40 ids, 30 embedding rows"):
         align(AlignParams(source=a, target=broken, train=fast, out_dir=str(tmp_path)))
+
+
+def test_streaming_path_trains_from_chunks_when_pairs_exceed_the_memory_budget(prefect_server, mlflow_uri, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
+    ids = [f"s{k}" for k in range(600)]
+    a, b = _store(tmp_path / "a.h5", ids, x), _store(tmp_path / "b.h5", ids, y)
+    out = align(AlignParams(source=a, target=b, in_memory_max_gb=1e-6, train={"epochs": 30, "batch_size": 32},
+                            out_dir=str(tmp_path)))
+    run = MlflowClient().get_run(out["run_id"])
+    assert run.data.params["in_memory"] == "False"
+    m = out["metrics"]
+    assert m["projector"]["mse"] < 0.5 * float(np.var(y))  # it learned from the streamed chunks
+    assert m["projector"]["mse"] < m["procrustes"]["mse"]
