@@ -7,9 +7,10 @@
 
 from flows import _env  # noqa: F401  (must run before prefect/mlflow import)
 from flows.align import AlignParams, align
+from flows.contrastive import ContrastiveParams, contrastive_train
 from flows.extract import ExtractParams, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
 from flows.pipeline import PipelineConfig, pipeline
 
-__all__ = ["AlignParams", "ExtractParams", "FinetuneParams", "align", "PipelineConfig", "extract_embeddings", "finetune",
-           "pipeline"]
+__all__ = ["AlignParams", "ContrastiveParams", "ExtractParams", "FinetuneParams", "PipelineConfig", "align",
+           "contrastive_train", "extract_embeddings", "finetune", "pipeline"]

@@ -32,5 +32,5 @@ def test_search_cli_returns_known_top_k_and_clear_errors(tmp_path):
 
 def test_help_lists_every_command():
     out = CliRunner().invoke(app, ["--help"])
-    for cmd in ("extract", "align", "finetune", "pipeline", "compare", "search", "demo", "build-data"):
+    for cmd in ("extract", "align", "finetune", "pipeline", "compare", "search", "contrastive", "demo", "build-data"):
         assert cmd in out.output
