@@ -118,6 +118,52 @@ def test_ties_rank_the_lower_row_first_whatever_the_chunking(tmp_path):
         assert [h[0] for h in top_k(q, store, 2, chunk_rows=chunk)[0]] == ["r0003", "r0010"]
 
 
+def test_many_ties_match_a_lexsort_brute_force_for_any_chunking_and_grouping(tmp_path, monkeypatch):
+    """Few distinct scores, so ties sit at every k boundary; one-hot queries make each score exact."""
+    import projection.search as ps
+
+    rng = np.random.default_rng(7)
+    n, d = 257, 5
+    emb = rng.integers(-3, 4, (n, d)).astype(np.float32) / 4  # 7 levels, -0.0 included
+    emb[rng.choice(n, 9, replace=False), 2] = np.float32(-0.0)
+    store = _store(tmp_path / "many.h5", emb)  # "normalized": rows are used as stored
+    q = np.eye(d, dtype=np.float32)
+    for k in (1, 5, 40, n):
+        expect = [np.lexsort((np.arange(n), -(emb[:, j] + 0.0)))[:k] for j in range(d)]
+        for chunk in (1, 16, 50, 256, 10_000):
+            for max_block in (ps._MAX_BLOCK_ELEMENTS, 1):
+                monkeypatch.setattr(ps, "_MAX_BLOCK_ELEMENTS", max_block)
+                got = top_k(q, store, k, chunk_rows=chunk)
+                assert [[h[0] for h in r] for r in got] == [[f"r{i:04d}" for i in e] for e in expect], (k, chunk)
+                assert [[h[1] for h in r] for r in got] == [emb[e, j].tolist() for j, e in enumerate(expect)]
+
+
+def test_order_key_ranks_score_descending_then_row_ascending():
+    from projection.search import _order_key
+
+    scores = np.array([-np.inf, -1.5, -0.0, 0.0, 1e-30, 2.0, np.inf, np.nan, 2.0], np.float32)
+    rows = np.arange(len(scores))
+    ranked = rows[np.argsort(_order_key(scores, rows))[::-1]]
+    assert ranked.tolist() == [6, 5, 8, 4, 2, 3, 1, 0, 7]  # NaN last; -0.0 ties +0.0 (lower row first)
+
+
+def test_search_module_and_top_k_do_not_import_torch(known):
+    """torch alone costs hundreds of MB of RSS: top_k (and a query by stored id) must not pull it in."""
+    import subprocess
+    import sys
+
+    store, _ = known
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; import projection.search as ps; assert 'torch' not in sys.modules, 'import'; "
+            "import numpy as np; from encoders.store import EmbeddingStore; "
+            f"st = EmbeddingStore({str(store.path)!r}); "
+            "hits = ps.top_k(st.get(['r0007']), st, 3, chunk_rows=64); assert hits[0][0][0] == 'r0007', hits; "
+            "res = ps.search('r0042', target_store=st, source_store=st, k=2); assert res[0][0] == 'r0042', res; "
+            "assert 'torch' not in sys.modules, 'top_k/search'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_top_k_errors_name_the_store_and_numbers(known):
     store, emb = known
     q = emb[:2]
