@@ -66,6 +66,25 @@ def make_queries(store_path: str, n_queries: int, seed: int = 1):
 def child(mode: str, store_path: str, n_queries: int, k: int, chunk_rows: int, repeats: int, threads: int) -> None:
     import numpy as np
 
+    if mode == "cli":  # what a user runs: `xmodal search <id> -t STORE --source-store STORE -k K`
+        import contextlib
+        import io
+
+        from flows.cli import app
+
+        rows, _ = make_queries(store_path, 1)
+        qid = f"row{int(rows[0]):07d}"
+        buf = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(buf):
+            app(["search", qid, "-t", store_path, "--source-store", store_path, "-k", str(k)], standalone_mode=False)
+        took = time.perf_counter() - t0
+        peak, how = peak_rss_mib()
+        top = [line.split()[1] for line in buf.getvalue().splitlines() if line.strip()[:1].isdigit()]
+        emit_json({"mode": mode, "peak_rss_mib": round(peak, 1), "peak_how": how, "best_s": round(took, 3),
+                   "torch_imported": "torch" in sys.modules, "prefect_imported": "prefect" in sys.modules,
+                   "query": qid, "top1": top[0] if top else None})
+        return
     if mode == "top_k":
         from projection.search import top_k  # numpy + h5py; threads via OPENBLAS/OMP_NUM_THREADS
     else:
@@ -152,6 +171,8 @@ def bench_one(args, dim: int, tmp: Path, timings: dict[str, float]) -> dict:
         tk = run_child("top_k", args, str(store_path))
     with phase(f"numpy child {dim}", timings):
         npy = run_child("numpy", args, str(store_path))
+    with phase(f"xmodal search CLI child {dim}", timings):
+        cli = run_child("cli", args, str(store_path))
     store_path.unlink()  # the 1024-dim store is ~800 MB: do not keep two around
 
     same_ids = tk["answers"] == npy["answers"]
@@ -159,7 +180,10 @@ def bench_one(args, dim: int, tmp: Path, timings: dict[str, float]) -> dict:
     top1_ok = [a[0] for a in tk["answers"]] == expect_top1 and [a[0] for a in npy["answers"]] == expect_top1
     out = {"rows": args.rows, "dim": dim, "store_mib": round(size_mib, 1), "same_answers": same_ids,
            "max_score_diff": max_score_diff, "top1_correct": top1_ok,
-           "top_k_imported_torch": tk["torch_imported"]}
+           "top_k_imported_torch": tk["torch_imported"],
+           "cli": {"peak_rss_mib": cli["peak_rss_mib"], "peak_vs_store": round(cli["peak_rss_mib"] / size_mib, 3),
+                   "seconds_one_query": cli["best_s"], "top1_correct": cli["top1"] == cli["query"],
+                   "imported_torch": cli["torch_imported"], "imported_prefect": cli["prefect_imported"]}}
     for name, r in (("top_k", tk), ("numpy", npy)):
         out[name] = {
             "peak_rss_mib": r["peak_rss_mib"],
@@ -180,6 +204,10 @@ def bench_one(args, dim: int, tmp: Path, timings: dict[str, float]) -> dict:
               f"{o['best_s']:>8.3f} {o['queries_per_s']:>10.1f}")
     print(f"store on disk {size_mib:.1f} MiB; same answers: {same_ids} (max |score diff| {max_score_diff:.2e}); "
           f"top-1 = source row for every query: {top1_ok}; torch imported by top_k child: {tk['torch_imported']}")
+    c = out["cli"]
+    print(f"xmodal search (CLI, one query by id, k={args.k}): peak RSS {c['peak_rss_mib']:.1f} MiB = "
+          f"{c['peak_vs_store']:.3f} x store, {c['seconds_one_query']:.2f} s, top-1 correct: {c['top1_correct']}, "
+          f"torch imported: {c['imported_torch']}")
     print(f"peak RSS measured by {tk['peak_how']} in each child", flush=True)
     print()
     return out
@@ -196,7 +224,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (the stores themselves are removed)")
-    ap.add_argument("--child", choices=["top_k", "numpy"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["top_k", "numpy", "cli"], help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
