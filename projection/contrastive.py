@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from projection.metrics import bidirectional_ranks, rank_metrics
-from projection.train import _atomic_save, _epoch_seed, _param_groups, warmup_cosine
+from projection.checkpoint import load_checkpoint, save_checkpoint
+from projection.train import _epoch_seed, _param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RN = ROOT / "data" / "models" / "xmodal-tiny-rn.json"
@@ -405,18 +406,12 @@ def _train_loop(model, loss_fn, opt, sched, params, xa, xb, va, vb, augment, cfg
         torch.manual_seed(cfg.seed)
         s = {"epoch": 0, "step": 0, "history": []}
         resumed_from = None
-        if ckpt_path is not None and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-            if ck["fingerprint"] != fingerprint:
-                raise ValueError(f"checkpoint {ckpt_path} was made with other settings:\n{ck['fingerprint']}\n"
-                                 f"this run: {fingerprint}\n(delete the folder to start over)")
+        ck = load_checkpoint(ckpt_path, device, fingerprint)
+        if ck is not None:
             model.load_state_dict(ck["model"])
             loss_fn.load_state_dict(ck["loss"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["rng_cpu"].cpu())
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), device)
             s = {k: ck[k] for k in s}
             resumed_from = s["epoch"]
 
@@ -450,11 +445,8 @@ def _train_loop(model, loss_fn, opt, sched, params, xa, xb, va, vb, augment, cfg
             s["history"].append(metrics)
             s["epoch"] = epoch + 1
             if ckpt_path is not None:
-                ck = {"fingerprint": fingerprint, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(), **s}
-                if device.type == "cuda":
-                    ck["rng_cuda"] = torch.cuda.get_rng_state(device)
-                _atomic_save(ck, ckpt_path)
+                save_checkpoint(ckpt_path, device, fingerprint, model=model.state_dict(), loss=loss_fn.state_dict(),
+                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
             if callback is not None:
                 callback("epoch", s["step"], metrics)
 

@@ -69,7 +69,8 @@ from projection.finetune_config import FinetuneConfig
 from projection.losses import InfoNCELoss
 from projection.metrics import bidirectional_ranks
 from projection.projector import load_projector, save_projector
-from projection.train import _atomic_save, _epoch_seed, warmup_cosine
+from projection.checkpoint import load_checkpoint, save_checkpoint
+from projection.train import _epoch_seed, warmup_cosine
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
 Callback = Callable[[str, int, dict[str, float]], None]
@@ -603,18 +604,13 @@ def finetune(
         s = {"epoch": 0, "step": 0, "best_value": -math.inf if higher else math.inf, "best_epoch": -1, "bad_epochs": 0,
              "stopped": False, "best_state": None, "best_metrics": {}, "history": []}  # fmt: skip
         resumed_from = None
-        if ckpt_path is not None and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-            if ck["fingerprint"] != fingerprint:
-                raise ValueError(f"checkpoint {ckpt_path} was made with {ck['fingerprint']}, this run has {fingerprint}")
+        ck = load_checkpoint(ckpt_path, device, fingerprint)
+        if ck is not None:
             load_enc_state(ck["encoder"])
             projector.load_state_dict(ck["projector"])
             head.load_state_dict(ck["head"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["rng_cpu"].cpu())
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), device)
             s = {k: ck[k] for k in s}
             resumed_from = s["epoch"]
 
@@ -669,12 +665,8 @@ def finetune(
                 s["epoch"] = epoch + 1
 
                 if ckpt_path is not None:
-                    ck = {"fingerprint": fingerprint, "encoder": enc_state(), "projector": projector.state_dict(),
-                          "head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rng_cpu": torch.get_rng_state(), **s}  # fmt: skip
-                    if device.type == "cuda":
-                        ck["rng_cuda"] = torch.cuda.get_rng_state(device)
-                    _atomic_save(ck, ckpt_path)
+                    save_checkpoint(ckpt_path, device, fingerprint, encoder=enc_state(), projector=projector.state_dict(),
+                                    head=head.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
                 if callback is not None:
                     callback("epoch", s["step"], metrics)
 

@@ -13,7 +13,6 @@ Two properties drive the design:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from projection.checkpoint import load_checkpoint, save_checkpoint
 from projection.config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -67,15 +67,6 @@ def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]
 
 def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old or the new checkpoint, never half of one
 
 
 @torch.no_grad()
@@ -149,17 +140,12 @@ def train_projector(
             "best_model": None, "best_loss": None, "history": [],
         }  # fmt: skip
         resumed_from = None
-        if ckpt_path is not None and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-            if ck["fingerprint"] != fingerprint:
-                raise ValueError(f"checkpoint {ckpt_path} was made with {ck['fingerprint']}, this run has {fingerprint}")
+        ck = load_checkpoint(ckpt_path, device, fingerprint)
+        if ck is not None:
             model.load_state_dict(ck["model"])
             loss_fn.load_state_dict(ck["loss"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["rng_cpu"].cpu())
-            if device.type == "cuda" and "rng_cuda" in ck:
-                torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), device)
             s = {k: ck[k] for k in s}
             resumed_from = s["epoch"]
 
@@ -202,11 +188,8 @@ def train_projector(
             s["epoch"] = epoch + 1
 
             if ckpt_path is not None:
-                ck = {"fingerprint": fingerprint, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(), **s}  # fmt: skip
-                if device.type == "cuda":
-                    ck["rng_cuda"] = torch.cuda.get_rng_state(device)
-                _atomic_save(ck, ckpt_path)
+                save_checkpoint(ckpt_path, device, fingerprint, model=model.state_dict(), loss=loss_fn.state_dict(),
+                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
             if callback is not None:
                 callback("epoch", s["step"], metrics)
 
