@@ -49,27 +49,32 @@ def test_flow_logs_errors_table_and_rejects_bad_params(prefect_server, mlflow_ur
         ExtractParams(manifest="m.csv", column="caption", encoder="not-a-spec")
 
 
-def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, tmp_path):
+def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, sample_data, tmp_path):
+    """600 digit images through the tiny ResNet: enough work that the cache's saving is visible
+    beside the ~1 s every flow run costs (MLflow run, Prefect states)."""
+    import os
     import time
 
-    (tmp_path / "m.csv").write_text("id,caption\n" + "".join(f"r{i},item number {i}\n" for i in range(4000)))
-    params = ExtractParams(manifest=str(tmp_path / "m.csv"), column="caption",
-                           encoder=f"open_clip:text:{TINY_VIT}?batch_size=32", out_dir=str(tmp_path / "stores"))
+    from tests_support import TINY_RN
+
+    manifest = sample_data["digits"].parent / "manifest_600.csv"
+    if not manifest.exists():
+        pd.read_csv(sample_data["digits"]).head(600).to_csv(manifest, index=False)
+    params = ExtractParams(manifest=str(manifest), column="image", encoder=f"open_clip:image:{TINY_RN}?batch_size=64",
+                           out_dir=str(tmp_path / "stores"))
     t0 = time.perf_counter()
     first = extract_embeddings(params)
     t_first = time.perf_counter() - t0
-
     t0 = time.perf_counter()
     second = extract_embeddings(params)
     t_second = time.perf_counter() - t0
+    print(f"first extraction {t_first:.2f} s, cached second {t_second:.2f} s")
     assert not first.get("cached") and second.get("cached") and second["store"] == first["store"]
     assert MlflowClient().get_run(second["run_id"]).data.tags["xmodal.prefect_cached"] == "true"
     assert t_second < 0.5 * t_first, (t_first, t_second)
     refreshed = extract_embeddings(params.model_copy(update={"refresh": True}))
-    assert not refreshed.get("cached") and refreshed["n"] == 4000
+    assert not refreshed.get("cached") and refreshed["n"] == 600
     # a deleted store is rebuilt, not served from a stale cache entry
-    import os
-
     os.remove(first["store"])
     rebuilt = extract_embeddings(params)
-    assert EmbeddingStore(rebuilt["store"]).n == 4000
+    assert EmbeddingStore(rebuilt["store"]).n == 600
