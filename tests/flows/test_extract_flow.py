@@ -50,8 +50,8 @@ def test_flow_logs_errors_table_and_rejects_bad_params(prefect_server, mlflow_ur
 
 
 def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, sample_data, tmp_path):
-    """600 digit images through the tiny ResNet: enough work that the cache's saving is visible
-    beside the ~1 s every flow run costs (MLflow run, Prefect states)."""
+    """The extraction step of the second run is a cache hit: a small fraction of the first's time.
+    (The whole flow also pays ~1 s of MLflow/Prefect bookkeeping either way.)"""
     import os
     import time
 
@@ -68,10 +68,11 @@ def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_ser
     t0 = time.perf_counter()
     second = extract_embeddings(params)
     t_second = time.perf_counter() - t0
-    print(f"first extraction {t_first:.2f} s, cached second {t_second:.2f} s")
+    print(f"extraction step: first {first['task_seconds']:.2f} s, cached second {second['task_seconds']:.2f} s; "
+          f"whole flow runs {t_first:.2f} s and {t_second:.2f} s (MLflow + Prefect bookkeeping included)")
     assert not first.get("cached") and second.get("cached") and second["store"] == first["store"]
     assert MlflowClient().get_run(second["run_id"]).data.tags["xmodal.prefect_cached"] == "true"
-    assert t_second < 0.5 * t_first, (t_first, t_second)
+    assert second["task_seconds"] < 0.25 * first["task_seconds"], (first["task_seconds"], second["task_seconds"])
     refreshed = extract_embeddings(params.model_copy(update={"refresh": True}))
     assert not refreshed.get("cached") and refreshed["n"] == 600
     # a deleted store is rebuilt, not served from a stale cache entry
