@@ -10,9 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from encoders.store import EmbeddingStore, StoreError, StoreWriter
+from encoders.store import EmbeddingStore, StoreError
 from flows import AlignParams, align
 from projection.metrics import alignment_metrics
+from tests_support import make_store
 
 TRAIN = {"epochs": 60, "batch_size": 64, "patience": 10}
 
@@ -63,21 +64,12 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
         assert again[k] == pytest.approx(logged[f"test_{k}"], rel=1e-4, abs=1e-6), k
 
 
-def _store(path, ids, emb, modality="m"):
-    attrs = {"encoder_spec": "test", "weights_digest": "w", "manifest_digest": path.name, "normalized": True,
-             "dataset": "t", "modality": modality}
-    with StoreWriter(path, dim=emb.shape[1], attrs=attrs) as w:
-        w.append(ids, emb, rows_done=len(ids))
-        w.finish()
-    return str(path)
-
-
 def test_bad_stores_are_clear_errors_naming_store_and_problem(prefect_server, mlflow_uri, tmp_path):
     rng = np.random.default_rng(0)
     ids = [f"i{k}" for k in range(40)]
-    a = _store(tmp_path / "a.h5", ids, rng.normal(size=(40, 8)).astype(np.float32))
-    b = _store(tmp_path / "b.h5", ids, rng.normal(size=(40, 6)).astype(np.float32))
-    other = _store(tmp_path / "other.h5", [f"z{k}" for k in range(40)], rng.normal(size=(40, 6)).astype(np.float32))
+    a = make_store(tmp_path / "a.h5", ids, rng.normal(size=(40, 8)).astype(np.float32))
+    b = make_store(tmp_path / "b.h5", ids, rng.normal(size=(40, 6)).astype(np.float32))
+    other = make_store(tmp_path / "other.h5", [f"z{k}" for k in range(40)], rng.normal(size=(40, 6)).astype(np.float32))
     fast = {"epochs": 1}
     with pytest.raises(StoreError, match=r"a\.h5 and .*other\.h5 share no ids"):
         align(AlignParams(source=a, target=other, train=fast, out_dir=str(tmp_path)))
@@ -85,11 +77,11 @@ def test_bad_stores_are_clear_errors_naming_store_and_problem(prefect_server, ml
         align(AlignParams(source=a, target=b, projector={"d_in": 16}, train=fast, out_dir=str(tmp_path)))
     nan = rng.normal(size=(40, 6)).astype(np.float32)
     nan[7, 2] = np.nan
-    bad = _store(tmp_path / "nan.h5", ids, nan)
+    bad = make_store(tmp_path / "nan.h5", ids, nan)
     with pytest.raises(ValueError, match=r"nan\.h5.*i7|i7.*nan\.h5"):
         align(AlignParams(source=a, target=bad, train=fast, out_dir=str(tmp_path)))
     # a store whose ids and embeddings disagree in count (a truncated or hand-edited file)
-    broken = _store(tmp_path / "broken.h5", ids, rng.normal(size=(40, 6)).astype(np.float32))
+    broken = make_store(tmp_path / "broken.h5", ids, rng.normal(size=(40, 6)).astype(np.float32))
     with h5py.File(broken, "r+") as f:
         f["embeddings"].resize(30, axis=0)
     with pytest.raises(StoreError, match=r"broken\.h5 is inconsistent: 40 ids, 30 embedding rows"):
@@ -101,7 +93,7 @@ def test_streaming_path_trains_from_chunks_when_pairs_exceed_the_memory_budget(p
     x = rng.normal(size=(600, 8)).astype(np.float32)
     y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
     ids = [f"s{k}" for k in range(600)]
-    a, b = _store(tmp_path / "a.h5", ids, x), _store(tmp_path / "b.h5", ids, y)
+    a, b = make_store(tmp_path / "a.h5", ids, x), make_store(tmp_path / "b.h5", ids, y)
     out = align(AlignParams(source=a, target=b, in_memory_max_gb=1e-6, train={"epochs": 30, "batch_size": 32},
                             out_dir=str(tmp_path)))
     run = MlflowClient().get_run(out["run_id"])

@@ -5,19 +5,10 @@ from __future__ import annotations
 import numpy as np
 from typer.testing import CliRunner
 
-from encoders.store import StoreWriter
 from flows import AlignParams, align
 from flows.cli import app
 from flows.compare import compare_runs
-
-
-def _store(path, ids, emb):
-    attrs = {"encoder_spec": "synthetic", "weights_digest": "w", "manifest_digest": path.name, "normalized": False,
-             "dataset": "synthetic", "modality": path.stem}
-    with StoreWriter(path, dim=emb.shape[1], attrs=attrs) as w:
-        w.append(ids, emb, rows_done=len(ids))
-        w.finish()
-    return str(path)
+from tests_support import make_store
 
 
 def test_compare_prints_runs_with_different_projector_configs(prefect_server, mlflow_uri, tmp_path):
@@ -25,7 +16,7 @@ def test_compare_prints_runs_with_different_projector_configs(prefect_server, ml
     x = rng.normal(size=(300, 8)).astype(np.float32)
     y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
     ids = [f"p{i}" for i in range(300)]
-    src, tgt = _store(tmp_path / "src.h5", ids, x), _store(tmp_path / "tgt.h5", ids, y)
+    src, tgt = make_store(tmp_path / "src.h5", ids, x), make_store(tmp_path / "tgt.h5", ids, y)
     runs = [align(AlignParams(source=src, target=tgt, projector=proj, train={"epochs": 3}, out_dir=str(tmp_path),
                               experiment="xmodal-compare-test"))["run_id"]
             for proj in ({"kind": "linear"}, {"kind": "mlp", "hidden": 32})]
