@@ -1,8 +1,9 @@
 """Manifest column -> frozen encoder -> HDF5 store, streaming, resumable, with per-item errors.
 
 Decoding the next batch happens on a helper thread while the current batch is encoded, so file
-I/O and image transforms hide behind the forward pass. Each batch is committed to the store
-before the next starts: kill -9 loses at most the batch in flight, and a rerun resumes there.
+I/O and image transforms hide behind the forward pass; on the CPU the batch itself is encoded as
+parallel single-threaded slices (encoders/compute.py). Each batch is committed to the store before
+the next starts: kill -9 loses at most the batch in flight, and a rerun resumes there.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 
+from encoders.compute import BatchEncoder
 from encoders.frozen import BadInput, FrozenEncoder
 from encoders.manifest import Manifest
 from encoders.store import StoreWriter
@@ -43,6 +44,7 @@ class ExtractSummary:
     seconds: float
     items_per_s: float
     reused: bool = False
+    cpu_workers: int = 1  # slices each batch was encoded in (encoders/compute.py)
     errors_csv: str | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -53,7 +55,10 @@ def store_path(out_dir: str | Path, dataset: str, column: str, encoder_slug: str
 
 def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str | Path, *,
             on_error: OnError = "skip", store_dtype: str = "float32", batch_size: int | None = None,
-            overwrite: bool = False, progress: Progress | None = None) -> ExtractSummary:
+            overwrite: bool = False, progress: Progress | None = None,
+            cpu_workers: int | None = None) -> ExtractSummary:
+    """``cpu_workers``: slices each batch is split into on the CPU (None = one per torch thread;
+    see encoders/compute.py). It changes speed, not results beyond float rounding."""
     kind = encoder.modality
     raw = manifest.values(column, kind)
     ids = manifest.frame["id"].tolist()
@@ -94,7 +99,8 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
 
         encoded = 0
         bounds = [(lo, min(lo + bs, total)) for lo in range(start, total, bs)]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-decode") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-decode") as pool, \
+                BatchEncoder(encoder, bs, cpu_workers) as encode:
             pending = pool.submit(load, *bounds[0]) if bounds else None
             for k, (lo, hi) in enumerate(bounds):
                 keep_ids, items, errs = pending.result()
@@ -104,18 +110,18 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
                     row, i, reason = errs[0]
                     raise ExtractionError(f"{manifest.path}: row {row}, id {i!r}, column {column!r}: {reason} "
                                           f"({w.n} rows before it are saved in {store}; rerun resumes there)")
-                emb = encoder.encode(encoder.collate(items)).cpu().numpy() if items else np.zeros((0, encoder.dim), np.float32)
+                emb = encode(items)
                 w.append(keep_ids, emb, rows_done=hi, errors=[(i, reason) for _, i, reason in errs])
                 encoded += len(keep_ids)
                 if progress:
                     progress(hi, total)
         seconds = time.perf_counter() - t0
         w.finish(seconds=seconds)
-        return _summary(w, manifest, column, total, start, seconds, encoded)
+        return _summary(w, manifest, column, total, start, seconds, encoded, cpu_workers=encode.workers)
 
 
 def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start: int, seconds: float,
-             encoded: int, reused: bool = False) -> ExtractSummary:
+             encoded: int, reused: bool = False, cpu_workers: int = 1) -> ExtractSummary:
     f = w.f
     e = int(f.attrs["n_errors"])
     errors = list(zip(f["errors/ids"].asstr()[:e], f["errors/reasons"].asstr()[:e]))
@@ -128,6 +134,6 @@ def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start:
     return ExtractSummary(
         store=str(w.path), dataset=manifest.name, modality=column, column=column, n=w.n, n_errors=e,
         dim=w.dim, dtype=w.dtype.name, rows_total=total, resumed_from=start, seconds=seconds,
-        items_per_s=encoded / seconds if seconds > 0 and encoded else 0.0, reused=reused,
+        items_per_s=encoded / seconds if seconds > 0 and encoded else 0.0, reused=reused, cpu_workers=cpu_workers,
         errors_csv=csv, errors=errors,
     )

@@ -20,6 +20,8 @@ def extract(
     on_error: str = typer.Option("skip", help="skip | fail"),
     store_dtype: str = typer.Option("float32", help="float32 | float16"),
     batch_size: Optional[int] = typer.Option(None, help="Override the spec's batch size."),
+    cpu_workers: Optional[int] = typer.Option(
+        None, help="CPU only: encode each batch as this many parallel one-thread slices (default: one per torch thread)."),
     refresh: bool = typer.Option(False, help="Rebuild even if a complete store exists."),
 ):
     """Embed one manifest column with a frozen encoder into an HDF5 store (a Prefect flow, an MLflow run)."""
@@ -27,7 +29,7 @@ def extract(
 
     extract_embeddings(ExtractParams(manifest=manifest, column=column, encoder=encoder, out_dir=out_dir,
                                      on_error=on_error, store_dtype=store_dtype, batch_size=batch_size,
-                                     refresh=refresh))
+                                     cpu_workers=cpu_workers, refresh=refresh))
 
 
 @app.command("build-data")

@@ -143,7 +143,8 @@ def test_join_stores_aligns_by_id_and_names_stores_on_failure(tmp_path, text_enc
     pair = join_stores(tmp_path / "a.h5", tmp_path / "b.h5")
     assert list(pair.ids) == ["x", "z"] and (pair.dropped_source, pair.dropped_target) == (1, 1)
     x, y = pair.arrays()
-    np.testing.assert_array_equal(x, y)  # same texts, same encoder
+    # same texts, same encoder (batches composed differently, so equal up to float rounding)
+    np.testing.assert_allclose(x, y, atol=1e-6)
     with pytest.raises(StoreError, match="do not hold the same ids"):
         join_stores(tmp_path / "a.h5", tmp_path / "b.h5", require_same_ids=True)
     c = tmp_path / "c.csv"
