@@ -15,6 +15,7 @@ worker does everything, as before (the device is the parallel part there).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +25,34 @@ import torch
 from encoders.frozen import FrozenEncoder
 
 MIN_SLICE = 8  # below this many items per slice, the per-slice overhead eats the gain
+
+# torch's thread count is process-wide: extractions running at once in one process share one
+# saved value, taken by the first to start and put back by the last to finish.
+_lock = threading.Lock()
+_active = 0
+_saved_threads = 0
+
+
+def _baseline_threads() -> int:
+    with _lock:
+        return _saved_threads if _active else torch.get_num_threads()
+
+
+def _lower_threads(n: int) -> None:
+    global _active, _saved_threads
+    with _lock:
+        if _active == 0:
+            _saved_threads = torch.get_num_threads()
+        _active += 1
+        torch.set_num_threads(n)
+
+
+def _restore_threads() -> None:
+    global _active
+    with _lock:
+        _active -= 1
+        if _active == 0:
+            torch.set_num_threads(_saved_threads)
 
 
 def plan_workers(device: torch.device, batch_size: int, threads: int, requested: int | None) -> tuple[int, int]:
@@ -52,14 +81,14 @@ class BatchEncoder:
 
     def __init__(self, encoder: FrozenEncoder, batch_size: int, workers: int | None = None):
         self.encoder = encoder
-        self.threads = torch.get_num_threads()
+        self.threads = _baseline_threads()
         self.workers, self.threads_per_worker = plan_workers(encoder.device, batch_size, self.threads, workers)
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> BatchEncoder:
         if self.workers > 1:
             # Set before the pool's threads exist: each takes the count at its first parallel op.
-            torch.set_num_threads(self.threads_per_worker)
+            _lower_threads(self.threads_per_worker)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xmodal-encode")
         return self
 
@@ -67,7 +96,7 @@ class BatchEncoder:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-            torch.set_num_threads(self.threads)
+            _restore_threads()
 
     def __call__(self, items: list[Any]) -> np.ndarray:
         enc = self.encoder

@@ -91,3 +91,28 @@ def test_threads_are_put_back_when_extraction_fails(tmp_path, write_images, tiny
         assert torch.get_num_threads() == 1 and encode.describe()["cpu_workers"] == 2
         assert encode([]).shape == (0, enc.dim)
     assert torch.get_num_threads() == 2
+
+
+def test_overlapping_extractions_in_one_process_leave_the_thread_count_as_found(tmp_path, write_images, tiny_clip_files,
+                                                                                two_threads):
+    import threading
+
+    paths = write_images(tmp_path / "imgs", 40)
+    m = tmp_path / "manifest.csv"
+    pd.DataFrame({"id": [f"i{k:02d}" for k in range(40)], "image": paths}).to_csv(m, index=False)
+    enc = load_encoder(f"open_clip:image:{tiny_clip_files['json']}@{tiny_clip_files['safetensors']}?batch_size=16")
+    started, results = threading.Barrier(2), {}
+
+    def run(name):
+        started.wait()
+        results[name] = extract(Manifest.read(m), "image", enc, tmp_path / f"{name}.h5", cpu_workers=2)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.get_num_threads() == 2
+    assert results["a"].n == results["b"].n == 40
+    np.testing.assert_allclose(EmbeddingStore(tmp_path / "a.h5").embeddings(), EmbeddingStore(tmp_path / "b.h5").embeddings(),
+                               atol=1e-6)
