@@ -62,16 +62,11 @@ def plan_workers(device: torch.device, batch_size: int, threads: int, requested:
     least MIN_SLICE items; one worker on an accelerator. An explicit number is honoured (capped at
     the batch size); 1 gives torch's own intra-op parallelism over all threads.
     """
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"cpu_workers must be >= 1, got {requested}")
-        workers = min(requested, batch_size)
-    elif device.type != "cpu":
-        workers = 1
-    else:
-        workers = max(1, min(threads, batch_size // MIN_SLICE))
+    if requested is not None and requested < 1:
+        raise ValueError(f"cpu_workers must be >= 1, got {requested}")
     if device.type != "cpu":
-        workers = 1
+        return 1, threads
+    workers = min(requested, batch_size) if requested else max(1, min(threads, batch_size // MIN_SLICE))
     return workers, max(1, threads // workers)
 
 
@@ -110,6 +105,3 @@ class BatchEncoder:
         batches = [enc.collate(items[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
         parts = list(self._pool.map(enc.encode, batches))
         return torch.cat(parts).cpu().numpy()
-
-    def describe(self) -> dict[str, int]:
-        return {"cpu_workers": self.workers, "threads_per_worker": self.threads_per_worker, "torch_threads": self.threads}

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from encoders.compute import BatchEncoder
 from encoders.frozen import BadInput, FrozenEncoder
 from encoders.manifest import Manifest

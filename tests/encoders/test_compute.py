@@ -88,7 +88,7 @@ def test_threads_are_put_back_when_extraction_fails(tmp_path, write_images, tiny
     assert torch.get_num_threads() == 2
     assert list(EmbeddingStore(tmp_path / "s.h5", allow_incomplete=True).ids) == list("abcd")  # first batch kept
     with BatchEncoder(enc, 16, 2) as encode:
-        assert torch.get_num_threads() == 1 and encode.describe()["cpu_workers"] == 2
+        assert torch.get_num_threads() == 1 and encode.workers == 2
         assert encode([]).shape == (0, enc.dim)
     assert torch.get_num_threads() == 2
 

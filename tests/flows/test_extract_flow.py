@@ -6,8 +6,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from encoders.compute import plan_workers
 from encoders.factory import load_encoder
 from encoders.store import EmbeddingStore
 from flows import ExtractParams, extract_embeddings
@@ -30,6 +32,7 @@ def test_flow_writes_store_and_tracks_run(prefect_server, mlflow_uri, sample_dat
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     assert p["encoder_spec"] == str(enc.spec) and p["dataset"] == "digits" and p["N"] == "1797"
     assert p["dim"] == "64" and p["dtype"] == "float32"
+    assert p["cpu_workers"] == str(plan_workers(enc.device, 128, torch.get_num_threads(), None)[0])
     assert m["items_per_s"] > 0 and m["errors"] == 0
     assert t["weights_origin"] == "random-init"
     arts = {a.path for a in MlflowClient().list_artifacts(out["run_id"])}
