@@ -1,0 +1,51 @@
+"""The benchmarks prove issue lines, so CI runs each one small: it must finish and end with its JSON.
+
+Sizes here are far too small for the figures to mean anything; only the structure and the
+correctness checks each benchmark makes (same answers, same embeddings, rows stored) are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests_support import ROOT
+
+
+def _run(script: str, *args: str, tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last)  # the last stdout line is the JSON object, nothing after it
+
+
+@pytest.mark.timeout(600)
+def test_extract_benchmark_runs(tmp_path):
+    r = _run("extract.py", "--images", "32", "--mem-sizes", "300,600", tmp_path=tmp_path)
+    t, m = r["throughput"], r["memory"]
+    assert t["n_stored"] == t["n_images"] == 32 and t["n_errors"] == 0
+    assert len(t["bare_items_per_s_passes"]) == len(t["flow_items_per_s_passes"]) == 3
+    assert t["ratio_flow_over_bare"] > 0 and t["max_abs_diff_flow_vs_bare_embeddings"] < 1e-5
+    assert t["torch_threads_after_flow"] == r["torch_threads"]
+    assert [m["runs"][k]["n_store"] for k in ("300", "600")] == [300, 600]
+    assert not m["runs"]["300"]["imported_prefect"]
+
+
+@pytest.mark.timeout(300)
+def test_align_benchmark_runs(tmp_path):
+    r = _run("align.py", "--repeats", "1", "--n", "2000", "--epochs", "1", "--budget-s", "1", tmp_path=tmp_path)
+    assert r["train_vs_bare_ratio"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_search_benchmark_runs(tmp_path):
+    r = _run("search.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
+    (run,) = r["runs"]
+    assert run["same_answers"] and run["top1_correct"] and not run["top_k_imported_torch"]
