@@ -10,6 +10,7 @@ settings guards against resuming a different run by accident.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,21 @@ def load_checkpoint(path: Path | None, device: torch.device, fingerprint: dict) 
     if device.type == "cuda" and "rng_cuda" in ck:
         torch.cuda.set_rng_state(ck["rng_cuda"].cpu(), device)
     return ck
+
+
+def resume(path: Path | None, device: torch.device, fingerprint: dict, state: dict,
+           restore: dict[str, Callable[[Any], Any]]) -> tuple[dict, int | None]:
+    """Pick a loop up where its last checkpoint left it.
+
+    ``state``: the loop's fresh counters (returned unchanged when there is nothing to resume, else
+    replaced by the saved values of the same keys); ``restore``: checkpoint key -> the function that
+    loads that part (usually a module's, optimizer's or scheduler's ``load_state_dict``). Returns
+    (state, the epoch resumed from or None).
+    """
+    ck = load_checkpoint(path, device, fingerprint)
+    if ck is None:
+        return state, None
+    for key, load in restore.items():
+        load(ck[key])
+    state = {k: ck[k] for k in state}
+    return state, state["epoch"]

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from projection.metrics import bidirectional_ranks, rank_metrics
-from projection.checkpoint import load_checkpoint, save_checkpoint
+from projection.checkpoint import resume, save_checkpoint
 from projection.train import _epoch_seed, _param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,16 +404,9 @@ def _train_loop(model, loss_fn, opt, sched, params, xa, xb, va, vb, augment, cfg
     has_val = va is not None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        s = {"epoch": 0, "step": 0, "history": []}
-        resumed_from = None
-        ck = load_checkpoint(ckpt_path, device, fingerprint)
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            loss_fn.load_state_dict(ck["loss"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            s = {k: ck[k] for k in s}
-            resumed_from = s["epoch"]
+        s, resumed_from = resume(ckpt_path, device, fingerprint, {"epoch": 0, "step": 0, "history": []}, {
+            "model": model.load_state_dict, "loss": loss_fn.load_state_dict,
+            "optimizer": opt.load_state_dict, "scheduler": sched.load_state_dict})
 
         while s["epoch"] < cfg.epochs:
             epoch = s["epoch"]

@@ -69,7 +69,7 @@ from projection.finetune_config import FinetuneConfig
 from projection.losses import InfoNCELoss
 from projection.metrics import bidirectional_ranks
 from projection.projector import load_projector, save_projector
-from projection.checkpoint import load_checkpoint, save_checkpoint
+from projection.checkpoint import resume, save_checkpoint
 from projection.train import _epoch_seed, warmup_cosine
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
@@ -603,16 +603,9 @@ def finetune(
 
         s = {"epoch": 0, "step": 0, "best_value": -math.inf if higher else math.inf, "best_epoch": -1, "bad_epochs": 0,
              "stopped": False, "best_state": None, "best_metrics": {}, "history": []}  # fmt: skip
-        resumed_from = None
-        ck = load_checkpoint(ckpt_path, device, fingerprint)
-        if ck is not None:
-            load_enc_state(ck["encoder"])
-            projector.load_state_dict(ck["projector"])
-            head.load_state_dict(ck["head"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            s = {k: ck[k] for k in s}
-            resumed_from = s["epoch"]
+        s, resumed_from = resume(ckpt_path, device, fingerprint, s, {
+            "encoder": load_enc_state, "projector": projector.load_state_dict, "head": head.load_state_dict,
+            "optimizer": opt.load_state_dict, "scheduler": sched.load_state_dict})
 
         train_in = _Inputs(encoder, train_data.items, raw, cfg.eval_batch_size)
         val_in = _Inputs(encoder, val_data.items, raw, cfg.eval_batch_size) if val_data is not None else None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from projection.checkpoint import load_checkpoint, save_checkpoint
+from projection.checkpoint import resume, save_checkpoint
 from projection.config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -139,15 +139,9 @@ def train_projector(
             "epoch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
             "best_model": None, "best_loss": None, "history": [],
         }  # fmt: skip
-        resumed_from = None
-        ck = load_checkpoint(ckpt_path, device, fingerprint)
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            loss_fn.load_state_dict(ck["loss"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            s = {k: ck[k] for k in s}
-            resumed_from = s["epoch"]
+        s, resumed_from = resume(ckpt_path, device, fingerprint, s, {
+            "model": model.load_state_dict, "loss": loss_fn.load_state_dict,
+            "optimizer": opt.load_state_dict, "scheduler": sched.load_state_dict})
 
         total = torch.zeros((), device=device)
         while s["epoch"] < cfg.epochs and not s["stopped"]:
