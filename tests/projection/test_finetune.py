@@ -7,8 +7,6 @@ here), so nothing is downloaded. Run as a script, this file is the kill -9 worke
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +18,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VIT = REPO / "data" / "models" / "xmodal-tiny-vit.json"
-if str(REPO) not in sys.path:  # script mode (the kill -9 worker)
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "tests"):  # script mode (the kill -9 worker) imports from both
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from projection.config import ProjectorConfig  # noqa: E402
 from projection.finetune import (  # noqa: E402
@@ -42,6 +41,7 @@ from projection.finetune import (  # noqa: E402
 from projection.finetune_config import FinetuneConfig  # noqa: E402
 from projection.metrics import bidirectional_ranks  # noqa: E402
 from projection.projector import make_projector, save_projector  # noqa: E402
+from tests_support import kill_9_after_first_checkpoint, spawn_python  # noqa: E402
 
 D_TGT = 16
 WORKER_EPOCHS = 4
@@ -372,23 +372,14 @@ def _worker(ckpt_dir: str, out_file: str, sleep: float) -> None:
 
 
 def _spawn(ckpt: Path, out: Path, sleep: float) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, __file__, str(ckpt), str(out), str(sleep)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return spawn_python(__file__, ckpt, out, sleep)
 
 
 def test_kill9_during_finetuning_and_resume_matches_uninterrupted_run(tmp_path):
     ref = _spawn(tmp_path / "ref_ckpt", tmp_path / "ref.pt", 0)
     victim = _spawn(tmp_path / "ckpt", tmp_path / "killed.pt", 1.0)
     ckpt = tmp_path / "ckpt" / CHECKPOINT_FILE
-    deadline = time.time() + 120
-    while not ckpt.exists():
-        assert victim.poll() is None, victim.stdout.read()
-        assert time.time() < deadline, "no checkpoint written"
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    kill_9_after_first_checkpoint(victim, ckpt)
     ck = torch.load(ckpt, weights_only=True)  # plain tensors/numbers: loads without pickle code
     done = ck["epoch"]
     assert 1 <= done < WORKER_EPOCHS and not (tmp_path / "killed.pt").exists()

@@ -1,8 +1,3 @@
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +11,8 @@ from projection.data import InMemoryPairs, make_split
 from projection.losses import build_loss
 from projection.projector import WEIGHTS_FILE, make_projector
 from projection.train import CHECKPOINT_FILE, predict, train_projector, warmup_cosine
+from tests_support import kill_9_after_first_checkpoint, spawn_python
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
@@ -142,25 +137,14 @@ def test_resume_in_process_with_learnable_temperature(tmp_path):
 
 
 def _run_worker(ckpt, out, sleep):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(ckpt), str(out), str(sleep)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    return spawn_python(WORKER, ckpt, out, sleep)
 
 
 def test_kill9_and_resume_is_bit_identical(tmp_path):
     ref = _run_worker(tmp_path / "ref_ckpt", tmp_path / "ref_out", 0)
     victim = _run_worker(tmp_path / "ckpt", tmp_path / "out_killed", 1.0)
     ckpt = tmp_path / "ckpt" / CHECKPOINT_FILE
-    deadline = time.time() + 120
-    while not ckpt.exists():
-        assert victim.poll() is None, victim.stdout.read()
-        assert time.time() < deadline, "no checkpoint written"
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    kill_9_after_first_checkpoint(victim, ckpt)
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 6 and not (tmp_path / "out_killed").exists()
 
