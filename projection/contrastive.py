@@ -37,6 +37,7 @@ from torch import nn
 
 from projection.metrics import bidirectional_ranks, rank_metrics
 from projection.checkpoint import resume, save_checkpoint
+from projection.steps import loss_param_metrics, optimizer_step
 from projection.train import _epoch_seed, _param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -421,20 +422,13 @@ def _train_loop(model, loss_fn, opt, sched, params, xa, xb, va, vb, augment, cfg
                     ba, bb = augment(ba), augment(bb)
                 za, zb = model(ba.to(device), bb.to(device))  # (B, D) each, unit norm
                 loss = loss_fn(za, zb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
+                optimizer_step(loss, opt, sched, params, cfg.grad_clip)
                 total += loss.detach()
             s["step"] += len(batches)
             metrics = {"epoch": float(epoch), "train_loss": float(total) / len(batches), "lr": sched.get_last_lr()[0]}
             if has_val:
                 metrics |= _validate(model, loss_fn, va, vb, cfg, device)
-            for name, p in loss_fn.named_parameters():
-                if p.numel() == 1:
-                    metrics[f"loss_param/{name}"] = float(p.detach())
+            metrics |= loss_param_metrics(loss_fn)
             s["history"].append(metrics)
             s["epoch"] = epoch + 1
             if ckpt_path is not None:

@@ -70,6 +70,7 @@ from projection.losses import InfoNCELoss
 from projection.metrics import bidirectional_ranks
 from projection.projector import load_projector, save_projector
 from projection.checkpoint import resume, save_checkpoint
+from projection.steps import optimizer_step
 from projection.train import _epoch_seed, warmup_cosine
 
 CHECKPOINT_FILE = "finetune_checkpoint.pt"
@@ -626,12 +627,7 @@ def finetune(
                     with _autocast(device, autocast_on):
                         out = model(x, raw=raw)
                     loss = head.loss(out, y_train[idx.to(device)])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    sched.step()
+                    optimizer_step(loss, opt, sched, params, cfg.grad_clip)
                     total.add_(loss.detach())
                     n_batches += 1
                 s["step"] += n_batches

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from projection.checkpoint import resume, save_checkpoint
+from projection.steps import loss_param_metrics, optimizer_step
 from projection.config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -153,12 +154,7 @@ def train_projector(
             n_batches = 0
             for xb, yb in train_pairs.batches(cfg.batch_size, gen, device):
                 loss = loss_fn(model(xb), yb)  # (B, D_src) -> (B, D_tgt) -> ()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # foreach only where it pays (CUDA)
-                opt.step()
-                sched.step()
+                optimizer_step(loss, opt, sched, params, cfg.grad_clip)
                 total.add_(loss.detach())
                 n_batches += 1
             s["step"] += n_batches
@@ -175,9 +171,7 @@ def train_projector(
                     s["stopped"] = cfg.patience is not None and s["bad_epochs"] >= cfg.patience
             else:
                 s["best_epoch"] = epoch
-            for name, p in loss_fn.named_parameters():
-                if p.numel() == 1:  # learnable temperatures/biases are worth watching
-                    metrics[f"loss_param/{name}"] = float(p.detach())
+            metrics |= loss_param_metrics(loss_fn)
             s["history"].append(metrics)
             s["epoch"] = epoch + 1
 
