@@ -59,3 +59,19 @@ def resume(path: Path | None, device: torch.device, fingerprint: dict, state: di
         load(ck[key])
     state = {k: ck[k] for k in state}
     return state, state["epoch"]
+
+
+def commit_epoch(state: dict, epoch: int, metrics: dict, path: Path | None, device: torch.device, fingerprint: dict,
+                 parts: Callable[[], dict[str, Any]], callback: Callable[[str, int, dict], Any] | None) -> None:
+    """Close an epoch the same way in every loop: record it, checkpoint it, then report it.
+
+    The counters move before the save, so a checkpoint always says which epoch comes next; the
+    callback runs last, so what a tracker sees has already survived a kill -9. ``parts`` is called
+    only when there is a checkpoint to write.
+    """
+    state["history"].append(metrics)
+    state["epoch"] = epoch + 1
+    if path is not None:
+        save_checkpoint(path, device, fingerprint, **parts(), **state)
+    if callback is not None:
+        callback("epoch", state["step"], metrics)

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from projection.metrics import bidirectional_ranks, rank_metrics
-from projection.checkpoint import resume, save_checkpoint
+from projection.checkpoint import commit_epoch, resume
 from projection.steps import loss_param_metrics, optimizer_step
 from projection.train import _epoch_seed, _param_groups, warmup_cosine
 
@@ -429,13 +429,9 @@ def _train_loop(model, loss_fn, opt, sched, params, xa, xb, va, vb, augment, cfg
             if has_val:
                 metrics |= _validate(model, loss_fn, va, vb, cfg, device)
             metrics |= loss_param_metrics(loss_fn)
-            s["history"].append(metrics)
-            s["epoch"] = epoch + 1
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, device, fingerprint, model=model.state_dict(), loss=loss_fn.state_dict(),
-                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
-            if callback is not None:
-                callback("epoch", s["step"], metrics)
+            commit_epoch(s, epoch, metrics, ckpt_path, device, fingerprint, lambda: {
+                "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, callback)
 
     if cfg.recalibrate_bn:
         recalibrate_bn(model, xa, xb, cfg.eval_batch_size, device)

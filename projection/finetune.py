@@ -69,7 +69,7 @@ from projection.finetune_config import FinetuneConfig
 from projection.losses import InfoNCELoss
 from projection.metrics import bidirectional_ranks
 from projection.projector import load_projector, save_projector
-from projection.checkpoint import resume, save_checkpoint
+from projection.checkpoint import commit_epoch, resume
 from projection.steps import optimizer_step
 from projection.train import _epoch_seed, warmup_cosine
 
@@ -650,14 +650,9 @@ def finetune(
                         s["stopped"] = cfg.patience is not None and s["bad_epochs"] >= cfg.patience
                 else:
                     s["best_epoch"] = epoch
-                s["history"].append(metrics)
-                s["epoch"] = epoch + 1
-
-                if ckpt_path is not None:
-                    save_checkpoint(ckpt_path, device, fingerprint, encoder=enc_state(), projector=projector.state_dict(),
-                                    head=head.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
-                if callback is not None:
-                    callback("epoch", s["step"], metrics)
+                commit_epoch(s, epoch, metrics, ckpt_path, device, fingerprint, lambda: {
+                    "encoder": enc_state(), "projector": projector.state_dict(), "head": head.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, callback)
 
             if s["best_state"] is not None:
                 load_enc_state(s["best_state"]["encoder"])

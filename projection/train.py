@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from projection.checkpoint import resume, save_checkpoint
+from projection.checkpoint import commit_epoch, resume
 from projection.steps import loss_param_metrics, optimizer_step
 from projection.config import TrainConfig
 
@@ -172,14 +172,9 @@ def train_projector(
             else:
                 s["best_epoch"] = epoch
             metrics |= loss_param_metrics(loss_fn)
-            s["history"].append(metrics)
-            s["epoch"] = epoch + 1
-
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, device, fingerprint, model=model.state_dict(), loss=loss_fn.state_dict(),
-                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), **s)
-            if callback is not None:
-                callback("epoch", s["step"], metrics)
+            commit_epoch(s, epoch, metrics, ckpt_path, device, fingerprint, lambda: {
+                "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, callback)
 
     if s["best_model"] is not None:
         model.load_state_dict(s["best_model"])
