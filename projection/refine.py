@@ -148,8 +148,9 @@ def _principal_coords(a: np.ndarray, r: int) -> np.ndarray:
     sign ambiguity the SVD leaves. (N, D) -> (N, r).
     """
     a = a - a.mean(0)
-    u, s, _ = np.linalg.svd(a, full_matrices=False)
-    z = u[:, :r] * np.sqrt(len(a))  # (N, r), unit variance per axis
+    evals, evecs = np.linalg.eigh(a.T @ a / len(a))  # (D,), (D, D) ascending; D x D, not N x N
+    top = np.argsort(evals)[::-1][:r]
+    z = a @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-12))  # (N, r), unit variance per axis
     return z * np.where((z**3).mean(0) < 0, -1.0, 1.0)
 
 
