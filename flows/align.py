@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows import _env  # noqa: F401
@@ -32,8 +34,10 @@ from projection.config import BaselineConfig, LossConfig, ProjectorConfig, Split
 from projection.data import ChunkedPairs, InMemoryPairs, check_finite, make_split, save_split
 from projection.losses import build_loss
 from projection.metrics import alignment_metrics, similarity_matrix, zero_shot
+from projection.partial import check_pairs, partition_stores, semi_inputs
 from projection.projector import make_projector, save_projector
-from projection.train import predict, train_projector
+from projection.semi import SemiConfig, fit_semi_mode
+from projection.train import TrainResult, predict, train_projector
 
 
 class ProjectorParams(ProjectorConfig):
@@ -63,6 +67,14 @@ class AlignParams(BaseModel):
         None, description="Manifest column with class labels (read from the source store's manifest) for zero-shot.")
     class_store: str | None = Field(
         None, description="Store of class-prompt embeddings in the target space (its manifest has the label column).")
+    mode: Literal["pairs", "semi", "zero_pair"] = Field(
+        "pairs", description="'pairs': train on rows whose id is in both stores. 'semi': also use the rows without a "
+        "partner (refined closed form + semi-supervised MLP). 'zero_pair': no training pairs at all (two encoders of "
+        "the same inputs only). The test split is always drawn from shared ids and held out.")
+    paired_frac: float = Field(
+        1.0, ge=0.0, le=1.0, description="semi/zero_pair: fraction of the training pairs used as pairs; the rest join "
+        "the unpaired rows (to measure how few pairs suffice). Which ids were pairs is logged as pairing.csv.")
+    semi_steps: int = Field(1500, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
     experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
@@ -109,7 +121,7 @@ def align(params: AlignParams) -> dict:
     logger = get_run_logger()
     tracking.tracking_uri(params.tracking_uri)
     src, tgt = EmbeddingStore(params.source), EmbeddingStore(params.target)
-    pairs = join_stores(src, tgt)
+    pairs = join_stores(src, tgt, allow_disjoint=params.mode != "pairs")
     sname, tname = f"{Path(src.path).name}", f"{Path(tgt.path).name}"
     if pairs.dropped_source or pairs.dropped_target:
         logger.warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
@@ -124,10 +136,18 @@ def align(params: AlignParams) -> dict:
     in_memory = nbytes <= params.in_memory_max_gb * 2**30
     ids = list(pairs.ids)
     split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    semi = None
+    if params.mode != "pairs":  # pairs, released pairs and unpaired rows; which is which is logged
+        if not in_memory:
+            raise StoreError(f"mode {params.mode!r} holds both stores in memory ({nbytes / 2**30:.1f} GiB > in_memory_max_gb)")
+        semi = semi_inputs(src, tgt, partition_stores(src, tgt), split, params.paired_frac, params.split.seed)
+        check_pairs(len(semi.xp), len(split["test"]), params.mode, len(pairs))
     if in_memory:
         x, y = pairs.arrays()  # (N, D_src), (N, D_tgt)
         data = InMemoryPairs(x, y, ids, sname, tname)
         train_set, val_set, test_set = (data.subset(split[s]) for s in ("train", "val", "test"))
+        if semi is not None:
+            train_set = InMemoryPairs(semi.xp, semi.yp, semi.pair_ids, sname, tname)
     else:  # stream train/val in chunks; the test split is held in memory for ranking metrics
         train_set = ChunkedPairs(pairs, 65536, split["train"], ids, sname, tname)
         val_set = ChunkedPairs(pairs, 65536, split["val"], ids, sname, tname)
@@ -136,6 +156,8 @@ def align(params: AlignParams) -> dict:
     run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
     run_dir.mkdir(parents=True, exist_ok=True)
     save_split(ids, split, run_dir / "split.csv")
+    if semi is not None:
+        pd.DataFrame(semi.roles, columns=["id", "role"]).to_csv(run_dir / "pairing.csv", index=False)
 
     labels = class_emb = None
     if params.label_column and params.class_store:
@@ -160,7 +182,11 @@ def align(params: AlignParams) -> dict:
         mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": len(pairs),
                            "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
                            "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
-                           "in_memory": in_memory, "run_dir": str(run_dir)})
+                           "in_memory": in_memory, "run_dir": str(run_dir), "mode": params.mode})
+        if semi is not None:
+            mlflow.log_params({"paired_frac": params.paired_frac, "n_train_pairs_used": len(semi.xp),
+                               "n_unpaired_source": len(semi.xu), "n_unpaired_target": len(semi.yu)})
+            mlflow.log_artifact(str(run_dir / "pairing.csv"))
         for store, ctx in ((src, "source"), (tgt, "target")):
             ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=str(store.path),
                                         name=Path(store.path).stem[:60], digest=store.digest)
@@ -169,16 +195,23 @@ def align(params: AlignParams) -> dict:
         # closed-form baselines on the same split (on a 200k-pair sample when streaming)
         x_fit, y_fit = ((train_set.x.numpy(), train_set.y.numpy()) if in_memory
                         else pairs.take(split["train"][:200_000]))
-        baselines = fit_baselines_task(x_fit, y_fit, params.baselines)
+        baselines = fit_baselines_task(x_fit, y_fit, params.baselines) if len(x_fit) >= 2 else {}
 
         def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
 
-        model = make_projector(pcfg, seed=params.train.seed)
-        model.fit_stats(x_fit, y_fit)
-        loss_fn = build_loss(params.loss)
-        result = train_projector(model, loss_fn, train_set, val_set, params.train,
-                                 checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+        if semi is None:
+            model = make_projector(pcfg, seed=params.train.seed)
+            model.fit_stats(x_fit, y_fit)
+            loss_fn = build_loss(params.loss)
+            result = train_projector(model, loss_fn, train_set, val_set, params.train,
+                                     checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+        else:
+            model, refined = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
+                                           SemiConfig(steps=params.semi_steps), on_epoch)
+            baselines["refined"] = refined
+            result = TrainResult(None, 0, 1, params.semi_steps, False, None,
+                                 [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(refined.history)])
         model.eval()
         save_projector(model, run_dir / "projector")
         _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")

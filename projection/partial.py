@@ -65,3 +65,36 @@ def check_pairs(n_train_pairs: int, n_test_pairs: int, mode: str, n_shared: int,
     if mode != "zero_pair" and n_train_pairs < min_pairs:
         raise ValueError(f"mode {mode!r} needs at least {min_pairs} pairs in the training split, got {n_train_pairs} "
                          f"(the stores share {n_shared} ids); use mode='zero_pair' for two encoders of the same inputs")
+
+
+@dataclass
+class SemiInputs:
+    """What a semi-supervised fit sees: pairs, unpaired rows per side, and each id's role (recorded with the run)."""
+
+    xp: np.ndarray  # (P, D_src) train pairs kept as pairs
+    yp: np.ndarray  # (P, D_tgt)
+    xu: np.ndarray  # (U_s, D_src) source rows without a known partner
+    yu: np.ndarray  # (U_t, D_tgt) target rows without a known partner
+    pair_ids: list
+    roles: list[tuple[str, str]]  # (id, role): pair | released | val | test | source_only | target_only
+
+
+def semi_inputs(src: EmbeddingStore, tgt: EmbeddingStore, part: Partition, split: dict[str, np.ndarray],
+                paired_frac: float, seed: int = 0) -> SemiInputs:
+    """Train pairs (a ``paired_frac`` budget of them), and unpaired rows: released train pairs + rows with no partner.
+
+    ``split`` indexes ``part.paired_ids``; its val and test rows are held out of everything.
+    """
+    ids = part.paired_ids
+    kept, released = pair_budget(ids, split["train"], paired_frac, seed)
+    xu = np.concatenate([src.take(part.paired_src[released]), src.take(part.source_only)])
+    yu = np.concatenate([tgt.take(part.paired_tgt[released]), tgt.take(part.target_only)])
+    # Released pairs stay in row order on the source side only: shuffle the target side so that
+    # no downstream code can use their correspondence by accident.
+    yu = yu[np.random.default_rng(seed).permutation(len(yu))]
+    roles = [(str(ids[i]), "pair") for i in kept] + [(str(ids[i]), "released") for i in released]
+    roles += [(str(ids[i]), name) for name in ("val", "test") for i in split[name]]
+    roles += [(str(src.ids[i]), "source_only") for i in part.source_only]
+    roles += [(str(tgt.ids[i]), "target_only") for i in part.target_only]
+    return SemiInputs(src.take(part.paired_src[kept]), tgt.take(part.paired_tgt[kept]), xu, yu,
+                      [str(ids[i]) for i in kept], roles)

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from projection.config import ProjectorConfig, TrainConfig
+from projection.baselines import ProcrustesBaseline
 from projection.projector import Projector, make_projector
+from projection.refine import RefinedMap, RefineConfig
 from projection.steps import optimizer_step
 from projection.train import _param_groups, warmup_cosine
 
@@ -134,7 +136,34 @@ def train_semi(x_pairs, y_pairs, x_unpaired, y_unpaired, pcfg: ProjectorConfig, 
         loss, parts = obj(batch)
         optimizer_step(loss, opt, sched, params, train.grad_clip)
         if callback is not None and (step + 1) % 100 == 0:
-            callback("step", step + 1, {"train_loss": float(loss)} | {f"loss/{k}": float(v) for k, v in parts.items()})
-    if not math.isfinite(float(loss)):
-        raise FloatingPointError(f"semi-supervised training diverged (loss {float(loss)}); lower train.lr")
+            callback("step", step + 1, {"train_loss": float(loss.detach())} | {f"loss/{k}": float(v.detach()) for k, v in parts.items()})
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"semi-supervised training diverged (loss {float(loss.detach())}); lower train.lr")
     return f.eval()
+
+
+def linear_projector(fitted: ProcrustesBaseline, d_in: int, d_out: int) -> Projector:
+    """A Procrustes map (y = s (x - mu_x) R + mu_y) as a linear ``Projector``, saved and served like any other."""
+    model = Projector(ProjectorConfig(kind="linear", d_in=d_in, d_out=d_out, standardize=False))
+    with torch.no_grad():
+        w = fitted.s * torch.as_tensor(fitted.r, dtype=torch.float32)  # (D_src, D_tgt)
+        model.net.weight.copy_(w.T)
+        model.net.bias.copy_(torch.as_tensor(fitted.mu_y, dtype=torch.float32) - torch.as_tensor(fitted.mu_x, dtype=torch.float32) @ w)
+    return model.eval()
+
+
+def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: TrainConfig, cfg: SemiConfig | None = None,
+                  callback=None) -> tuple[Projector, RefinedMap]:
+    """``align``'s two unpaired modes: 'semi' (refined closed form, then the semi-supervised MLP on its
+    pseudo-pairs) and 'zero_pair' (the refined Procrustes map from the moment seed, as a linear projector)."""
+    refined = RefinedMap(RefineConfig(base="procrustes", seed=train.seed)).fit(xp, yp, xu, yu)
+    if callback is not None:
+        for k, h in enumerate(refined.history):
+            callback("refine", k, {f"refine/{n}": v for n, v in h.items()})
+    if mode == "zero_pair":
+        return linear_projector(refined.map, pcfg.d_in, pcfg.d_out), refined
+    if mode != "semi":
+        raise ValueError(f"unknown mode {mode!r}; choose 'pairs', 'semi' or 'zero_pair'")
+    i, j = refined.pseudo_pairs
+    model = train_semi(xp, yp, xu, yu, pcfg, train, cfg, (refined.x_unpaired[i], refined.y_unpaired[j]), callback)
+    return model, refined
