@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -250,3 +251,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
     return out
+
+
+expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -162,3 +163,6 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
     create_markdown_artifact("".join(md), key=_key("pipeline-summary"))
     tracking.link_artifact(parent_run_id, _key("pipeline-mlflow"))
     return headline | {"evaluate_run_id": rid}
+
+
+expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's
