@@ -45,7 +45,8 @@ CAPTION_NAMES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sa
 
 
 def caption_for(label: int) -> str:
-    return f"a photo of a {CAPTION_NAMES[int(label)]}"
+    name = CAPTION_NAMES[int(label)]
+    return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _cache() -> Path:
