@@ -30,7 +30,7 @@ from flows import reporting, tracking
 from flows.extract import _key
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, check_finite, make_split, save_split
+from projection.data import ChunkedPairs, InMemoryPairs, check_finite, load_split, make_split, save_split
 from projection.losses import build_loss
 from projection.metrics import alignment_metrics, similarity_matrix, zero_shot
 from projection.projector import make_projector, save_projector
@@ -124,7 +124,8 @@ def align(params: AlignParams) -> dict:
     nbytes = len(pairs) * (src.dim + tgt.dim) * 4
     in_memory = nbytes <= params.in_memory_max_gb * 2**30
     ids = list(pairs.ids)
-    split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
+             else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
     if in_memory:
         x, y = pairs.arrays()  # (N, D_src), (N, D_tgt)
         data = InMemoryPairs(x, y, ids, sname, tname)
