@@ -104,6 +104,9 @@ class SplitConfig(_Strict):
 
 class BaselineConfig(_Strict):
     standardize: bool = Field(True, description="z-score inputs for ridge (as the projector does), so alpha means the same for any encoder scale.")
-    ridge_alpha: float = Field(1.0, ge=0.0, description="L2 strength of the ridge least-squares map.")
+    ridge_alphas: list[float] = Field(
+        default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5], min_length=1,
+        description="Ridge L2 strengths to try; the one with the lowest validation MSE is kept (RidgeCV's leave-one-out "
+        "without a validation split). One value fixes alpha.")
     fit_intercept: bool = Field(True, description="Fit a bias for the ridge map.")
     procrustes_scale: bool = Field(True, description="Also fit one global scale factor s for Procrustes (y ~ s * x R).")
