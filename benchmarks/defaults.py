@@ -51,7 +51,7 @@ def synthetic(kind: str, n: int, d_in: int, d_out: int, noise: float, seed: int)
     x /= x.std()
     h = x @ rng.normal(size=(d_in, 2 * d_out)) * 1.5 / np.sqrt(d_in)  # (N, 2 D_out) hidden pre-activations
     f = {"linear": lambda v: v, "tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "quadratic": lambda v: v**2 - 1,
-         "sine": lambda v: np.sin(2 * v), "sphere": np.tanh}[kind]
+         "sine": np.sin, "sphere": np.tanh}[kind]
     y = f(h) @ rng.normal(size=(2 * d_out, d_out)) / np.sqrt(2 * d_out)
     if kind == "sphere":
         y /= np.linalg.norm(y, axis=1, keepdims=True)

@@ -251,7 +251,7 @@ def _evaluate(preds: dict, x_test: np.ndarray, y_test: np.ndarray, data: dict, t
         for name in preds:
             rows[name]["transfer"] = scores[f"transfer_{name}"]
         rows["true target"] = {"transfer": scores["transfer_true"]}
-        mlflow.log_metrics({f"transfer_{k}": v for k, v in scores.items() if k != "transfer_task"}
+        mlflow.log_metrics({k: v for k, v in scores.items() if k != "transfer_task"}
                            | {"transfer_is_classification": scores["transfer_task"]})
         mlflow.log_param("transfer_column", column)
     table = reporting.metrics_table(rows)

@@ -42,7 +42,7 @@ class ProjectorConfig(_Strict):
     )
     train_linear_path: bool = Field(
         False,
-        description="Also train the affine path. Off by default: the path stays at the ridge solution and the MLP learns "
+        description="Also train the affine path once it starts at ridge. Off by default: the path stays at the ridge solution and the MLP learns "
         "only the residual. Adam takes lr-sized steps even on the near-zero gradients of a path that already sits at "
         "the least-squares optimum, so a trained path first drifts away from ridge (see benchmarks/defaults.py).",
     )
@@ -103,7 +103,7 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max global grad norm; None disables clipping.")
     patience: int | None = Field(5, ge=1, description="Stop after this many epochs without val-loss improvement; None disables early stopping.")
     patience_frac: float = Field(
-        0.1, ge=0.0, le=1.0, description="With a step budget (epochs=None) patience is at least this fraction of the "
+        0.25, ge=0.0, le=1.0, description="With a step budget (epochs=None) patience is at least this fraction of the "
         "epochs, so a tiny set (a few steps an epoch) is not stopped by val noise within a few dozen steps.")
     min_delta: float = Field(0.0, ge=0.0, description="Val-loss decrease that counts as an improvement.")
     fused_adamw: bool = Field(

@@ -3,11 +3,12 @@
 Three choices, each measured in benchmarks/defaults.py:
 - The projector's affine path starts at the validation-tuned ridge map (`Projector.start_at`)
   and its MLP branch at zero, so epoch 0 predicts exactly what ridge predicts.
-- The starting point is itself a candidate, judged on the validation split by what the user
-  reads, retrieval R@1 (validation loss breaks ties): the trained weights replace it only if
-  they retrieve better. A linear map then ends as ridge (MLP R@1 = ridge R@1) instead of as a
-  slightly overfitted copy; on the random-init digits sketch -> image stores (MSE ~1e-7) the
-  trained net had the lower MSE yet 1 fewer test hit in 180.
+- The starting point is itself a candidate, judged on the validation split: the trained
+  weights replace it only if they lower the val loss by MIN_GAIN (5 %) AND retrieve at least as
+  well (val R@1). A linear map then ends as ridge (MLP R@1 = ridge R@1) instead of as a
+  slightly overfitted copy: on a linear 2000-pair set the trained net read test R@1 0.690 vs
+  ridge 0.695, and on the random-init digits sketch -> image stores (MSE ~1e-7) it had a 2.5 %
+  lower MSE yet 3 fewer test hits in 180.
 - The schedule is set by optimizer steps, not epochs (`TrainConfig.steps`), so 640 pairs get
   as many updates as 60k: 20 epochs at batch 256 were 60 steps on 640 digits, and the val loss
   was still falling at the last one.
@@ -26,6 +27,12 @@ from projection.losses import build_loss
 from projection.projector import Projector, make_projector
 from projection.metrics import bidirectional_ranks
 from projection.train import Callback, TrainResult, evaluate_loss, predict, train_projector
+
+
+# Relative val-loss gain the trained weights need over the ridge start. Measured (benchmarks/defaults.py):
+# clearly nonlinear maps gain 37 % (digits feature views) to 90 % (quadratic); linear maps ~0 %; the
+# random-init digits sketch -> image stores (a collapsed space) 2.5 %, with 3 fewer test hits in 180.
+MIN_GAIN = 0.05
 
 
 @dataclass
@@ -59,7 +66,8 @@ def fit_projector(pcfg: ProjectorConfig, loss_cfg: LossConfig, tcfg: TrainConfig
     result = train_projector(model, loss_fn, train_set, val_set, tcfg, checkpoint_dir=checkpoint_dir,
                              callback=callback)
     trained_val = _val_scores(model, loss_fn, val_set, tcfg) if has_val else None
-    kept_start = has_val and (start_val["p2t_r1"], -start_val["loss"]) >= (trained_val["p2t_r1"], -trained_val["loss"])
+    kept_start = has_val and not (trained_val["p2t_r1"] >= start_val["p2t_r1"]
+                                  and trained_val["loss"] < (1.0 - MIN_GAIN) * start_val["loss"])
     if kept_start:
         model.load_state_dict(start[0])
         loss_fn.load_state_dict(start[1])

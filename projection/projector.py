@@ -52,8 +52,6 @@ class Projector(nn.Module):
             layers.append(nn.Linear(width, cfg.d_out))
             self.net = nn.Sequential(*layers)
         self.skip = nn.Linear(cfg.d_in, cfg.d_out) if cfg.kind == "mlp" and cfg.linear_path and not cfg.residual else None
-        if self.skip is not None and not cfg.train_linear_path:
-            self.skip.requires_grad_(False)  # held at its starting map (ridge): the MLP branch learns the residual
         # Input standardisation as buffers: saved with the weights, never trained, identity until fitted.
         self.register_buffer("in_mean", torch.zeros(cfg.d_in))
         self.register_buffer("in_std", torch.ones(cfg.d_in))
@@ -85,7 +83,8 @@ class Projector(nn.Module):
 
     @torch.no_grad()
     def start_at(self, a, c) -> None:
-        """Make the affine path compute x @ a + c (raw spaces; a (D_src, D_tgt), c (D_tgt,)) and zero the MLP branch.
+        """Make the affine path compute x @ a + c (raw spaces; a (D_src, D_tgt), c (D_tgt,)), zero the MLP branch,
+        and freeze the path unless cfg.train_linear_path.
 
         Call after `fit_stats`: the map is rewritten in the standardised coordinates the net sees,
         z = (x - in_mean) / in_std and y = h * out_std + out_mean.
@@ -104,6 +103,8 @@ class Projector(nn.Module):
         if self.skip is not None:
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
+            # held at the closed-form map unless asked otherwise: the MLP branch learns the residual
+            self.skip.requires_grad_(self.cfg.train_linear_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.in_mean) / self.in_std if self.cfg.standardize else x
