@@ -36,8 +36,7 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Stage-1 objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, batch_size=64, patience=10),
-                               description="Stage-1 optimiser and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage-1 optimiser and schedule (the defaults: a step budget).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split by id (shared by stage 2).")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
 
