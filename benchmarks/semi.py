@@ -32,13 +32,12 @@ import torch
 from projection.baselines import ProcrustesBaseline, RidgeBaseline
 from projection.config import LossConfig, ProjectorConfig, TrainConfig
 from projection.data import InMemoryPairs, make_split
-from projection.losses import build_loss
+from projection.fit import fit_projector
 from projection.metrics import alignment_metrics
 from projection.partial import pair_budget
-from projection.projector import make_projector
 from projection.refine import RefinedMap, RefineConfig
-from projection.semi import SemiConfig, train_semi
-from projection.train import predict, train_projector
+from projection.semi import SemiConfig, fit_semi_mode
+from projection.train import predict
 
 METHODS = ("ridge", "procrustes", "mlp", "refined", "semi_mlp")
 PAIRS_ONLY = ("ridge", "procrustes", "mlp")
@@ -73,14 +72,9 @@ def from_stores(source: str, target: str) -> tuple[np.ndarray, np.ndarray, list[
 
 
 def fit_mlp(x, y, pcfg: ProjectorConfig, steps: int, seed: int) -> object:
-    """Pairs-only MLP: the stage-1 trainer, same optimizer steps as the semi-supervised one, no val."""
-    batch = min(256, len(x))
-    epochs = max(1, -(-steps // -(-len(x) // batch)))
-    model = make_projector(pcfg, seed=seed)
-    model.fit_stats(x, y)
-    train_projector(model, build_loss(LossConfig()), InMemoryPairs(x, y), None,
-                    TrainConfig(epochs=epochs, batch_size=batch, patience=None, seed=seed))
-    return model
+    """Pairs-only MLP: stage 1's own recipe (ridge-started, step budget), same steps as the semi-supervised one."""
+    train = TrainConfig(steps=steps, batch_size=min(256, len(x)), patience=None, seed=seed)
+    return fit_projector(pcfg, LossConfig(), train, InMemoryPairs(x, y), None, x, y).model
 
 
 def run_budget(x, y, ids, frac: float, args, rng: np.random.Generator) -> dict[str, float | None]:
@@ -99,9 +93,8 @@ def run_budget(x, y, ids, frac: float, args, rng: np.random.Generator) -> dict[s
         refined = RefinedMap(RefineConfig(csls_k=10, seed=args.seed)).fit(xp, yp, xu, yu)
         out["refined"] = score(refined)
         if len(paired):
-            i, j = refined.pseudo_pairs
-            pseudo = (refined.x_unpaired[i], refined.y_unpaired[j])
-            f = train_semi(xp, yp, xu, yu, pcfg, TrainConfig(seed=args.seed, lr=1e-3), SemiConfig(steps=args.steps), pseudo)
+            f, _ = fit_semi_mode("semi", xp, yp, xu, yu, pcfg, TrainConfig(seed=args.seed), SemiConfig(steps=args.steps),
+                                 refined=refined)
             out["semi_mlp"] = score(f)
     return {"n_pairs": len(paired), "n_unpaired": len(released), **out}
 

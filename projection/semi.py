@@ -96,10 +96,12 @@ def _t(a) -> torch.Tensor:
 
 def train_semi(x_pairs, y_pairs, x_unpaired, y_unpaired, pcfg: ProjectorConfig, train: TrainConfig,
                cfg: SemiConfig | None = None, pseudo: tuple[np.ndarray, np.ndarray] | None = None,
-               callback=None) -> Projector:
+               callback=None, start: tuple[ProcrustesBaseline, ProcrustesBaseline] | None = None) -> Projector:
     """Train f (returned, a normal ``Projector``) and its reverse; pairs may be few, unpaired rows many.
 
     ``pseudo``: (x rows, y rows) pseudo-pairs, e.g. ``(xu[i], yu[j])`` from ``RefinedMap.pseudo_pairs``.
+    ``start``: closed-form maps src -> tgt and tgt -> src for f's and g's affine paths (projectors with
+    a linear path, the default) to start from, as stage 1 starts at ridge.
     """
     cfg = cfg or SemiConfig()
     xp, yp, xu, yu = map(_t, (x_pairs, y_pairs, x_unpaired, y_unpaired))
@@ -113,6 +115,9 @@ def train_semi(x_pairs, y_pairs, x_unpaired, y_unpaired, pcfg: ProjectorConfig, 
     x_all, y_all = torch.cat([xp, xu]), torch.cat([yp, yu])
     f.fit_stats(x_all, y_all)
     g.fit_stats(y_all, x_all)
+    if start is not None and f.skip is not None:  # the MLP branches learn what the closed forms leave
+        f.start_at(*procrustes_affine(start[0]))
+        g.start_at(*procrustes_affine(start[1]))
     var_s, var_t = float(x_all.var(0).sum()), float(y_all.var(0).sum())
     obj = SemiObjective(f, g, var_s, var_t, cfg)
     params = [p for p in obj.parameters() if p.requires_grad]
@@ -142,21 +147,24 @@ def train_semi(x_pairs, y_pairs, x_unpaired, y_unpaired, pcfg: ProjectorConfig, 
     return f.eval()
 
 
+def procrustes_affine(fitted: ProcrustesBaseline) -> tuple[np.ndarray, np.ndarray]:
+    """(A, c) with y = x @ A + c for a Procrustes map y = s (x - mu_x) R + mu_y."""
+    a = fitted.s * np.asarray(fitted.r, np.float64)  # (D_src, D_tgt)
+    return a, np.asarray(fitted.mu_y, np.float64) - np.asarray(fitted.mu_x, np.float64) @ a
+
+
 def linear_projector(fitted: ProcrustesBaseline, d_in: int, d_out: int) -> Projector:
-    """A Procrustes map (y = s (x - mu_x) R + mu_y) as a linear ``Projector``, saved and served like any other."""
+    """A Procrustes map as a linear ``Projector``, saved and served like any other."""
     model = Projector(ProjectorConfig(kind="linear", d_in=d_in, d_out=d_out, standardize=False))
-    with torch.no_grad():
-        w = fitted.s * torch.as_tensor(fitted.r, dtype=torch.float32)  # (D_src, D_tgt)
-        model.net.weight.copy_(w.T)
-        model.net.bias.copy_(torch.as_tensor(fitted.mu_y, dtype=torch.float32) - torch.as_tensor(fitted.mu_x, dtype=torch.float32) @ w)
+    model.start_at(*procrustes_affine(fitted))
     return model.eval()
 
 
 def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: TrainConfig, cfg: SemiConfig | None = None,
-                  callback=None) -> tuple[Projector, RefinedMap]:
+                  callback=None, refined: RefinedMap | None = None) -> tuple[Projector, RefinedMap]:
     """``align``'s two unpaired modes: 'semi' (refined closed form, then the semi-supervised MLP on its
     pseudo-pairs) and 'zero_pair' (the refined Procrustes map from the moment seed, as a linear projector)."""
-    refined = RefinedMap(RefineConfig(base="procrustes", seed=train.seed)).fit(xp, yp, xu, yu)
+    refined = refined or RefinedMap(RefineConfig(base="procrustes", seed=train.seed)).fit(xp, yp, xu, yu)
     if callback is not None:
         for k, h in enumerate(refined.history):
             callback("refine", k, {f"refine/{n}": v for n, v in h.items()})
@@ -165,5 +173,7 @@ def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: Train
     if mode != "semi":
         raise ValueError(f"unknown mode {mode!r}; choose 'pairs', 'semi' or 'zero_pair'")
     i, j = refined.pseudo_pairs
-    model = train_semi(xp, yp, xu, yu, pcfg, train, cfg, (refined.x_unpaired[i], refined.y_unpaired[j]), callback)
+    xq, yq = refined.x_unpaired[i], refined.y_unpaired[j]
+    start = (refined.map, ProcrustesBaseline().fit(np.concatenate([yp, yq]), np.concatenate([xp, xq])))
+    model = train_semi(xp, yp, xu, yu, pcfg, train, cfg, (xq, yq), callback, start)
     return model, refined
