@@ -89,3 +89,18 @@ def link_artifact(run_id: str, key: str) -> None:
     run = MlflowClient().get_run(run_id)
     create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
                          link_text=f"MLflow run {run.info.run_name or run_id}", key=key)
+
+
+def log_report(experiment: str, run_name: str, params: dict[str, Any], series: dict[str, list[tuple[int, float]]],
+               files: list[str | Path], uri: str | None = None) -> str:
+    """One MLflow run for a benchmark report: params, metric series (name -> [(step, value)]) and files such
+    as a plot (``benchmarks/semi.py --mlflow`` logs its R@1-vs-pairs curve this way). Returns the run id."""
+    tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name) as run:
+        mlflow.log_params(params)
+        for name, points in series.items():
+            for step, value in points:
+                mlflow.log_metric(name, value, step=step)
+        for f in files:
+            mlflow.log_artifact(str(f))
+    return run.info.run_id
