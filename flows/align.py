@@ -84,7 +84,7 @@ class AlignParams(BaseModel):
     paired_frac: float = Field(
         1.0, ge=0.0, le=1.0, description="semi/zero_pair: fraction of the training pairs used as pairs; the rest join "
         "the unpaired rows (to measure how few pairs suffice). Which ids were pairs is logged as pairing.csv.")
-    semi_steps: int = Field(1500, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
+    semi_steps: int = Field(600, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
     experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
