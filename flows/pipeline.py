@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -35,8 +36,7 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Stage-1 objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, batch_size=64, patience=10),
-                               description="Stage-1 optimiser and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage-1 optimiser and schedule (the defaults: a step budget).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split by id (shared by stage 2).")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
 
@@ -164,3 +164,6 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
     create_markdown_artifact("".join(md), key=_key("pipeline-summary"))
     tracking.link_artifact(parent_run_id, _key("pipeline-mlflow"))
     return headline | {"evaluate_run_id": rid}
+
+
+expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's
