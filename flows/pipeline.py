@@ -63,7 +63,10 @@ class PipelineConfig(BaseModel):
     class_manifest: str | None = Field(str(SAMPLE / "fashion" / "classes.csv"),
                                        description="One prompt per class (embedded by the target encoder) for zero-shot.")
     class_column: str = Field("caption", description="Prompt column of class_manifest.")
-    label_column: str | None = Field("label", description="Integer class labels in both manifests (zero-shot).")
+    label_column: str | None = Field("label", description="Class labels in the manifest (ints or strings): class-level "
+                                     "R@1, the transfer figure, and zero-shot when class_manifest is set.")
+    transfer_column: str | None = Field(None, description="Manifest column for the cross-modal transfer figure "
+                                        "(classes or numbers, e.g. mean_disparity); default: label_column.")
     align: AlignSettings = Field(default_factory=AlignSettings, description="Stage 1.")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="Stage 2 (optional).")
     out_dir: str = Field("runs", description="Stores, projectors and checkpoints go under this folder.")
@@ -114,7 +117,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         a = c.align
         stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
                                    train=a.train, split=a.split, baselines=a.baselines,
-                                   label_column=c.label_column if cls else None, class_store=cls["store"] if cls else None,
+                                   label_column=c.label_column, label_manifest=c.manifest,
+                                   transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
                                    out_dir=f"{c.out_dir}/align", **common))
         stage2 = None
         if c.finetune.enabled:
