@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -32,7 +33,7 @@ from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, make_split, save_split
+from projection.data import ChunkedPairs, InMemoryPairs, load_split, make_split, save_split
 from projection.fit import fit_projector
 from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
 from projection.projector import save_projector
@@ -102,7 +103,8 @@ def check_inputs(params: AlignParams) -> tuple:
             raise StoreError(f"projector {side}={want} disagrees with store {store.path} (dim {store.dim})")
     pcfg = ProjectorConfig(**(proj.model_dump() | {"d_in": src.dim, "d_out": tgt.dim}))
     ids = list(pairs.ids)
-    split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
+             else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
     return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
 
 
@@ -311,3 +313,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
     return out
+
+
+expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's

@@ -118,6 +118,11 @@ class SplitConfig(_Strict):
     val_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of ids in the validation split.")
     test_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of ids in the test split.")
     seed: int = Field(0, description="Salt for the id hash that orders the split.")
+    file: str | None = Field(
+        None,
+        description="An id,split CSV to use instead of the hash split (fractions and seed are then ignored), "
+        "e.g. data/generated/stereo/split.csv, whose spatial blocks keep overlapping patches out of the test split.",
+    )
 
     @model_validator(mode="after")
     def _check_fracs(self) -> "SplitConfig":
