@@ -21,3 +21,9 @@ def digits_stores(prefect_server, mlflow_uri, sample_data, tmp_path_factory) -> 
             "caption": (sample_data["digits"], "caption", txt), "classes": (sample_data["digit_classes"], "caption", txt)}
     return {name: extract_embeddings(ExtractParams(manifest=str(m), column=c, encoder=e, out_dir=str(out)))["store"]
             for name, (m, c, e) in jobs.items()}
+
+
+def pytest_configure(config):
+    # Tests that start a real `prefect server`, worker or `mlflow server`: slow (tens of seconds), still part
+    # of `make test` and CI; `-m "not server"` leaves them out locally.
+    config.addinivalue_line("markers", "server: starts real servers on loopback ports (slow; runs in CI)")

@@ -73,8 +73,10 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # the scheduler service looks for due schedules every 2 s instead of 60 s, so a schedule fires within a test
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PWD": str(ROOT)}
+           "PREFECT_UI_ENABLED": "false", "PWD": str(ROOT), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,6 +88,7 @@ def prefect_api(tmp_path_factory):
         log.close()
 
 
+@pytest.mark.server
 def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample_data, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -151,6 +154,7 @@ def mlflow_server(tmp_path_factory):
         _stop(proc)
 
 
+@pytest.mark.server
 def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_server, sample_data, tmp_path):
     cfg = PipelineConfig.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=mlflow_server,
                                                       experiment="xmodal-over-http"))
@@ -183,3 +187,83 @@ def test_unreachable_tracking_server_fails_before_any_compute(prefect_server, sa
         pipeline(cfg)
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "runs").exists()  # nothing was extracted or trained
+
+
+TICK_FLOW = '''
+from pathlib import Path
+from prefect import flow
+
+@flow(name="tick")
+def tick():
+    Path("ticks.txt").open("a").write("tick\\n")
+'''
+
+TICK_YAML = '''
+name: tick
+prefect-version: 3.8.8
+pull:
+  - prefect.deployments.steps.set_working_directory:
+      directory: "{{ $PWD }}"
+deployments:
+  - name: every-5s
+    entrypoint: tick.py:tick
+    work_pool: {name: xmodal-tick, work_queue_name: default}
+    schedules:
+      - interval: 5
+        active: true
+'''
+
+
+@pytest.mark.server
+def test_an_active_schedule_creates_runs_that_a_worker_completes(prefect_api, tmp_path):
+    """What the nightly schedule in prefect.yaml does once switched on, at a 5 s interval: the server's
+    scheduler inserts scheduled runs (SQLAlchemy 2.1 broke exactly this insert) and a process worker runs one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env, home = prefect_api
+    (tmp_path / "tick.py").write_text(TICK_FLOW)
+    (tmp_path / "prefect.yaml").write_text(TICK_YAML)
+    env = {**env, "PWD": str(tmp_path)}
+    run = lambda *args: subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=tmp_path, check=True,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    run("work-pool", "create", "xmodal-tick", "--type", "process")
+    run("--no-prompt", "deploy", "--all")
+    log = open(home / "tick-worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "xmodal-tick", "--limit", "1"],
+                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("tick/every-5s")
+            assert dep.schedules and dep.schedules[0].active
+            only_tick = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+            deadline, runs = time.monotonic() + 240, []
+            while time.monotonic() < deadline:
+                runs = client.read_flow_runs(deployment_filter=only_tick)
+                if any(r.state.is_completed() for r in runs):
+                    break
+                time.sleep(2)
+            states = sorted(r.state.name for r in runs)
+            assert runs and all(r.auto_scheduled for r in runs), states  # made by the scheduler, not by hand
+            assert "Completed" in states, (states, (home / "tick-worker.log").read_text()[-3000:],
+                                           (home / "server.log").read_text()[-3000:])
+            client.delete_deployment(dep.id)  # its future runs go with it: other tests on this server see none
+        assert (tmp_path / "ticks.txt").read_text().startswith("tick")
+    finally:
+        _stop(worker)
+        log.close()
+
+
+def test_the_lock_pins_sqlalchemy_below_2_1_for_prefects_scheduler():
+    """Prefect 3.8.8's scheduler fails on SQLAlchemy 2.1 (`Can't evaluate bulk DML statement`); the lock and
+    the installed environment must both hold 2.0.x."""
+    import importlib.metadata
+    import tomllib
+
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = [p["version"] for p in lock["package"] if p["name"] == "sqlalchemy"]
+    installed = importlib.metadata.version("sqlalchemy")
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    assert locked and all(major_minor(v) < (2, 1) for v in locked), locked
+    assert major_minor(installed) < (2, 1), installed
