@@ -54,18 +54,18 @@ class AlignParams(BaseModel):
 
     source: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
     target: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
-    projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimiser, schedule, early stopping.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split by id.")
-    baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
+    projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
+    loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
+    train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")
+    split: SplitConfig = Field(SplitConfig(), description="Deterministic train/val/test split by id.")
+    baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
     label_column: str | None = Field(
         None, description="Manifest column with class labels (read from the source store's manifest) for zero-shot.")
     class_store: str | None = Field(
         None, description="Store of class-prompt embeddings in the target space (its manifest has the label column).")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
-    experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
+    experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
 
@@ -146,7 +146,7 @@ def align(params: AlignParams) -> dict:
 
     dataset = src.attrs.get("dataset", "data")
     exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
-    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset,
+    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset, **tracking.source_tags("align"),
             "source_weights_origin": src.attrs.get("weights_origin", ""),
             "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     if params.parent_run_id:
@@ -154,7 +154,7 @@ def align(params: AlignParams) -> dict:
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params(_flat({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
+        mlflow.log_params(tracking.flatten({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
                                  "train": params.train.model_dump(), "split": params.split.model_dump(),
                                  "baselines": params.baselines.model_dump()}))
         mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": len(pairs),
@@ -241,12 +241,3 @@ def _publish_latest(run_dir: Path, latest: Path) -> None:
         shutil.rmtree(latest)
     os.replace(tmp, latest)
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "terms":
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
-    return out

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from flows import PipelineConfig, pipeline
 from flows.tracking import TrackingUnavailable
-from tests_support import ROOT, TINY_RN
+from tests_support import ROOT, TINY_RN, deployment_flows, form_values, python_values
 
 BIN = Path(sys.executable).parent
 
@@ -111,12 +111,18 @@ def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample
                 assert {"pipeline", "extract-embeddings", "align", "finetune"} <= names
                 dep = client.read_deployment_by_name("pipeline/pipeline")
                 assert dep.schedules and not dep.schedules[0].active  # the example schedule ships inactive
-                assert "config" in dep.parameter_openapi_schema["properties"]
+                for entry, flow in deployment_flows():  # the schema the server stores runs the Python defaults
+                    stored = client.read_deployment_by_name(f"{flow.name}/{entry['name']}")
+                    given = stored.parameters
+                    assert form_values(stored.parameter_openapi_schema, given) == python_values(flow, given), entry["name"]
+                schema_defaults = form_values(dep.parameter_openapi_schema)["config"]
             # a parameter of the wrong type is refused before any run starts, naming the field
             with pytest.raises(Exception, match="epochs"):
                 run_deployment("pipeline/pipeline", timeout=0,
                                parameters={"config": {"align": {"train": {"epochs": "many"}}}})
-            params = {"config": _small_config(sample_data, tmp_path / "runs")}
+            # exactly the schema's defaults, with only data size, epochs and where things go made small and equal
+            small = _small_overrides(sample_data, tmp_path)
+            params = {"config": _deep_merge(schema_defaults, small)}
             flow_run = run_deployment("pipeline/pipeline", parameters=params, timeout=540)
             assert flow_run.state.is_completed(), (flow_run.state, (home / "worker.log").read_text()[-3000:])
             with get_client(sync_client=True) as client:  # this server saw only this pipeline run
@@ -129,6 +135,29 @@ def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample
     finally:
         _stop(worker)
         log.close()
+    # the same config from Python, pipeline(PipelineConfig(...)), logs the same parameters on its parent run
+    local = pipeline(PipelineConfig.model_validate(_deep_merge(PipelineConfig().model_dump(mode="json"), small)))
+    client = MlflowClient(tracking_uri=small["tracking_uri"])
+    parents = client.search_runs([client.get_experiment_by_name(small["experiment"]).experiment_id],
+                                 "tags.`xmodal.stage` = 'pipeline'")
+    by_id = {r.info.run_id: r.data.params for r in parents}
+    assert len(by_id) == 2 and local["parent_run_id"] in by_id
+    python = by_id.pop(local["parent_run_id"])
+    (served,) = by_id.values()
+    assert served == python and served["align.train.epochs"] == "3" and "finetune.config.unfreeze" in served
+
+
+def _small_overrides(sample_data, tmp_path) -> dict:
+    """The run-size fields only: a 400-row manifest, 3 epochs, this test's folders and MLflow store."""
+    small = _small_config(sample_data, tmp_path / "runs")
+    return {"manifest": small["manifest"], "class_manifest": small["class_manifest"], "out_dir": small["out_dir"],
+            "align": {"train": {"epochs": 3, "batch_size": 128}}, "experiment": "xmodal-form-defaults",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
 
 
 def _flow_names(api, runs) -> set[str]:
