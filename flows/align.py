@@ -19,13 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows import _env  # noqa: F401
 
 import mlflow
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import Manifest
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, tracking
+from flows import reporting, served, tracking
 from flows.extract import _key
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -209,12 +208,8 @@ def align(params: AlignParams) -> dict:
             for f in d.iterdir():
                 mlflow.log_artifact(str(f))
         mlflow.log_artifact(str(run_dir / "split.csv"))
-        example = x_test[:4].astype(np.float32)
-        with torch.no_grad():
-            out_example = model(torch.from_numpy(example)).numpy()
-        signature = mlflow.models.infer_signature(example, out_example)
-        mlflow.pytorch.log_model(model, name="projector", signature=signature, input_example=example,
-                                 serialization_format="pickle")
+        # safetensors + JSON as a pyfunc model (no pickle), naming both encoders: what `xmodal promote` registers
+        served.log_projector_model(run_dir / "projector", src, tgt)
     origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n")

@@ -66,6 +66,25 @@ def compare(
 
 
 @app.command()
+def promote(
+    run_id: str = typer.Argument(..., help="The align (stage-1) run whose projector to register."),
+    name: str = typer.Option(..., "--name", help="Registered model name, e.g. digits-image-to-caption."),
+    alias: str = typer.Option("champion", "--alias", help="Alias the new version gets."),
+):
+    """Register a run's projector in the MLflow Model Registry (no pickle); load it as models:/NAME@ALIAS."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.promote import promote as promote_run
+
+    try:
+        out = promote_run(run_id, name, alias)
+    except (ValueError, MlflowException) as exc:  # unknown run, or no xmodal projector in it: one line
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"registered {out['name']} version {out['version']} as {out['uri']} (from run {run_id})")
+
+
+@app.command()
 def align(
     source: str = typer.Argument(..., help="Source-modality store (.h5)."),
     target: str = typer.Argument(..., help="Target-modality store (.h5)."),
