@@ -178,7 +178,7 @@ def mlflow_server(tmp_path_factory):
                              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
                             stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, 90)
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 240)  # its sqlite migration is slow on a busy machine
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
