@@ -36,10 +36,10 @@ class ExtractParams(BaseModel):
     manifest: str = Field(description="CSV or Parquet manifest with an 'id' column; paths are relative to it.")
     column: str = Field(description="The modality column to embed (image paths or texts), e.g. 'image', 'caption'.")
     encoder: str = Field(
-        description="Encoder spec '<backend>:<tower>:<model>[@weights][?opts]', "
+        description="Encoder spec BACKEND:TOWER:MODEL[@WEIGHTS][?OPTIONS], "
         "e.g. 'open_clip:image:ViT-B-32@/ckpt/model.safetensors' or 'hf:text:/models/minilm?pooling=mean'."
     )
-    out_dir: str = Field(default="runs/stores", description="Stores go to <out_dir>/<dataset>/<column>--<encoder>.h5.")
+    out_dir: str = Field(default="runs/stores", description="Stores go to OUT_DIR/DATASET/COLUMN--ENCODER.h5.")
     on_error: Literal["skip", "fail"] = Field(
         default="skip", description="Bad rows: 'skip' records them in the errors table; 'fail' stops at the first."
     )
@@ -52,7 +52,7 @@ class ExtractParams(BaseModel):
         "Speed only: embeddings are the same up to float rounding.",
     )
     refresh: bool = Field(default=False, description="Rebuild the store even if a complete one exists.")
-    experiment: str | None = Field(default=None, description="MLflow experiment (default 'xmodal-extract-<dataset>').")
+    experiment: str | None = Field(default=None, description="MLflow experiment (default: xmodal-extract-DATASET, DATASET being the manifest's name).")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(default=None, description="Nest this run under an MLflow parent run.")
     shards: int = Field(
@@ -292,7 +292,8 @@ def extract_embeddings(params: ExtractParams) -> dict:
     tracking.tracking_uri(params.tracking_uri)
     dataset = Manifest.read(params.manifest).name
     exp = tracking.experiment_id(params.experiment or f"xmodal-extract-{dataset}")
-    tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column}
+    tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column,
+            **tracking.source_tags("extract")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
     run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
