@@ -29,7 +29,7 @@ from flows import reporting, tracking
 from flows.extract import _key
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, check_finite, make_split, save_split
+from projection.data import ChunkedPairs, InMemoryPairs, check_finite, check_split, make_split, save_split
 from projection.losses import build_loss
 from projection.metrics import alignment_metrics, similarity_matrix, zero_shot
 from projection.projector import make_projector, save_projector
@@ -124,6 +124,7 @@ def align(params: AlignParams) -> dict:
     in_memory = nbytes <= params.in_memory_max_gb * 2**30
     ids = list(pairs.ids)
     split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    check_split(split, params.split.val_frac)  # before any training: tiny stores failed only at evaluation
     if in_memory:
         x, y = pairs.arrays()  # (N, D_src), (N, D_tgt)
         data = InMemoryPairs(x, y, ids, sname, tname)
@@ -181,7 +182,6 @@ def align(params: AlignParams) -> dict:
                                  checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
         model.eval()
         save_projector(model, run_dir / "projector")
-        _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
 
         # evaluation on the held-out split, projector and baselines alike
         x_test, y_test = test_set.x.numpy(), test_set.y.numpy()
@@ -215,6 +215,8 @@ def align(params: AlignParams) -> dict:
         signature = mlflow.models.infer_signature(example, out_example)
         mlflow.pytorch.log_model(model, name="projector", signature=signature, input_example=example,
                                  serialization_format="pickle")
+        # Published last: a run that fails anywhere above leaves the previous -latest in place.
+        _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
     origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n")
