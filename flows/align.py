@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import Manifest
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, tracking
+from flows import reporting, run_recovery, tracking
 from flows.extract import _key
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -152,6 +152,7 @@ def align(params: AlignParams) -> dict:
             "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
+    tags |= run_recovery.claim(exp, run_dir)  # a run killed on this run_dir is marked KILLED and linked
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
@@ -193,6 +194,7 @@ def align(params: AlignParams) -> dict:
             mlflow.log_metrics({f"test_{k}" if name == "projector" else f"{name}_test_{k}": v
                                 for k, v in metrics.items()})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+        run_recovery.fill_history(run_id)  # epochs the killed run logged before this one resumed
 
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)

@@ -23,7 +23,10 @@ from encoders.manifest import Manifest
 from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
-from flows import errors, tracking
+from flows import errors, process_guard, run_recovery, tracking
+
+
+process_guard.install()  # every flow module imports this one: its ephemeral Prefect server dies with it
 
 
 class ExtractParams(BaseModel):
@@ -291,6 +294,8 @@ def extract_embeddings(params: ExtractParams) -> dict:
     tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
+    spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
+    tags |= run_recovery.claim(exp, store_path(params.out_dir, dataset, params.column, spec.slug))
     run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
     run_id = run.info.run_id
     try:

@@ -17,7 +17,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, tracking
+from flows import reporting, run_recovery, tracking
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
@@ -93,7 +93,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     exp = tracking.experiment_id(experiment)
     client = mlflow.MlflowClient()
     parent = client.create_run(exp, run_name=f"pipeline {dataset}: {c.source_column} -> {c.target_column}",
-                               tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset})
+                               tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset}
+                               | run_recovery.claim(exp, f"pipeline:{c.model_dump_json()}"))
     pid = parent.info.run_id
     common = {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid}
     try:
