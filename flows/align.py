@@ -194,7 +194,7 @@ def align(params: AlignParams) -> dict:
             mlflow.log_metrics({f"test_{k}" if name == "projector" else f"{name}_test_{k}": v
                                 for k, v in metrics.items()})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
-        run_recovery.fill_history(run_id)  # epochs the killed run logged before this one resumed
+        run_recovery.fill_history(run_id, result.history, result.steps)  # epochs logged before a kill, or by none
 
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)

@@ -58,11 +58,25 @@ def claim(experiment_id: str, work: str | Path) -> dict[str, str]:
     return tags
 
 
-def fill_history(run_id: str) -> int:
-    """Copy into ``run_id`` the metric points of the runs it resumed that it did not log itself; returns how many."""
+def fill_history(run_id: str, history: list[dict] | None = None, steps: int = 0) -> int:
+    """Copy into ``run_id`` the metric points of the runs it resumed that it did not log itself; returns how many.
+
+    ``history`` (the training result's per-epoch records, restored from the checkpoint on resume) and
+    ``steps`` (its total optimizer steps) fill what no run logged: a kill between an epoch's checkpoint
+    and its report (projection/checkpoint.py reports last) leaves that epoch only in the checkpoint.
+    Every epoch has the same number of steps, so epoch i was reported at step (i + 1) * steps / epochs.
+    """
     client = MlflowClient()
     run = client.get_run(run_id)
     copied = 0
+    if history:
+        keys = {k for h in history for k in h if k != "epoch"}
+        have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+        points = [Metric(k, float(v), 0, (i + 1) * steps // len(history)) for i, h in enumerate(history)
+                  for k, v in h.items() if k in keys and v is not None and (i + 1) * steps // len(history) not in have[k]]
+        for i in range(0, len(points), 1000):
+            client.log_batch(run_id, metrics=points[i:i + 1000])
+        copied += len(points)
     for old in filter(None, run.data.tags.get(RESUMED_FROM, "").split(",")):
         for key in client.get_run(old).data.metrics:
             have = {m.step for m in client.get_metric_history(run_id, key)}

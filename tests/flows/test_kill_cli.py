@@ -76,3 +76,39 @@ def test_kill_9_of_extract_leaves_no_server_and_the_rerun_marks_the_killed_run(m
     by_status = {r.info.status: r for r in runs}
     assert set(by_status) == {"KILLED", "FINISHED"}  # none left RUNNING
     assert by_status["FINISHED"].data.tags[RESUMED_FROM] == by_status["KILLED"].info.run_id
+
+
+def test_kill_9_of_align_then_rerun_gives_one_run_with_the_whole_metric_history(mlflow_uri, tmp_path):
+    import numpy as np
+
+    from tests_support import kill_9_after_first_checkpoint, make_store
+
+    rng = np.random.default_rng(0)
+    ids = [f"r{i}" for i in range(3000)]
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    src = make_store(tmp_path / "src.h5", ids, x)
+    tgt = make_store(tmp_path / "tgt.h5", ids, np.tanh(x[:, :16] * 2).astype(np.float32))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
+    env.pop("PREFECT_API_URL", None)
+    args = ("align", src, tgt, "--epochs", 30, "--out-dir", tmp_path / "align")
+    victim = _xmodal(*args, env=env)
+    deadline = time.time() + 300
+    while not list((tmp_path / "align").glob("*/ckpt")):
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else ""
+        time.sleep(0.1)
+    ckpt = next((tmp_path / "align").glob("*/ckpt")) / "checkpoint.pt"
+    kill_9_after_first_checkpoint(victim, ckpt)
+
+    rerun = _xmodal(*args, env=env)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xmodal-align-synthetic").experiment_id],
+                              filter_string=f"params.run_dir LIKE '%{tmp_path.name}%'")
+    by_status = {r.info.status: r for r in runs}
+    assert len(runs) == 2 and set(by_status) == {"KILLED", "FINISHED"}, [r.info.status for r in runs]
+    done = by_status["FINISHED"]
+    assert done.data.tags[RESUMED_FROM] == by_status["KILLED"].info.run_id
+    epochs = int(done.data.metrics["epochs_run"])
+    history = client.get_metric_history(done.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == epochs
