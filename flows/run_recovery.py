@@ -46,7 +46,8 @@ def _is_dead(process: str) -> bool:
 
 def claim(experiment_id: str, work: str | Path) -> dict[str, str]:
     """Tags for a new run of ``work``; marks runs of the same work left RUNNING by a dead process KILLED."""
-    key = hashlib.sha256(str(Path(work).resolve()).encode()).hexdigest()[:16]
+    name = str(work.resolve()) if isinstance(work, Path) else work  # a path, or any string naming the work
+    key = hashlib.sha256(name.encode()).hexdigest()[:16]
     client = MlflowClient()
     stale = client.search_runs([experiment_id], filter_string=f"tags.`{WORK}` = '{key}' and attributes.status = 'RUNNING'")
     killed = [r.info.run_id for r in stale if _is_dead(r.data.tags.get(PROCESS, ""))]
