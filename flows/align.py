@@ -32,7 +32,7 @@ from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, load_split, make_split, save_split
+from projection.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
 from projection.fit import fit_projector
 from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
 from projection.projector import save_projector
@@ -104,6 +104,7 @@ def check_inputs(params: AlignParams) -> tuple:
     ids = list(pairs.ids)
     split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
              else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
+    check_split(split, params.split.val_frac)  # before any training: tiny stores failed only at evaluation
     return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
 
 
@@ -175,8 +176,9 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
-    with mlflow.start_run(experiment_id=tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}"),
-                          run_name=run_name, tags=_tags(params, src, tgt, dataset)) as run:
+    exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
+    tags = _tags(params, src, tgt, dataset) | run_recovery.claim(exp, run_dir)  # a killed run here: KILLED, linked
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
         baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"])
         mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
@@ -190,6 +192,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "kept_ridge_start": float(fit.kept_start)})
+        run_recovery.fill_history(run.info.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}
         preds |= {name: b.predict(x_test) for name, b in baselines.items()}

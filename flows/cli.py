@@ -8,7 +8,26 @@ import typer
 
 from flows import _env  # noqa: F401
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cross-modal embedding alignment.")
+
+
+class _App(typer.Typer):
+    """Errors that are the user's to fix end as one line on stderr and exit code 2 (flows/errors.py);
+    anything else keeps its traceback."""
+
+    def __call__(self, *args, **kwargs):
+        from flows import errors
+
+        errors.quiet_expected_tracebacks()
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not errors.is_user_error(exc):
+                raise
+            typer.echo(f"xmodal: error: {errors.one_line(exc)}", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(add_completion=False, no_args_is_help=True, help="Cross-modal embedding alignment.")
 
 
 @app.command()

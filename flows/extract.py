@@ -17,15 +17,16 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from encoders.extract import ExtractionError, extract, store_path
+from encoders.extract import extract, store_path
 from encoders.factory import load_encoder
-from encoders.frozen import EncoderUnavailable
-from encoders.manifest import Manifest, ManifestError
+from encoders.manifest import Manifest
 from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
-from encoders.store import StoreError
-from flows import tracking
+from flows import errors, process_guard, run_recovery, tracking
+
+
+process_guard.install()  # every flow module imports this one: its ephemeral Prefect server dies with it
 
 
 class ExtractParams(BaseModel):
@@ -78,10 +79,8 @@ def _transient(task, task_run, state) -> bool:
     """Retry I/O hiccups and device errors, never bad input or a missing model: those fail the same way twice."""
     try:
         state.result()
-    except (ExtractionError, EncoderUnavailable, ManifestError, StoreError, ValueError, KeyError):
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return errors.is_transient(exc)  # a full disk or an out_dir that is a file fails the same way again
     return False
 
 
@@ -296,6 +295,8 @@ def extract_embeddings(params: ExtractParams) -> dict:
             **tracking.source_tags("extract")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
+    spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
+    tags |= run_recovery.claim(exp, store_path(params.out_dir, dataset, params.column, spec.slug))
     run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
     run_id = run.info.run_id
     try:

@@ -19,7 +19,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, tracking
+from flows import reporting, run_recovery, tracking
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
@@ -129,7 +129,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
     parent = client.create_run(exp, run_name=run_name, tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset,
                                                              "prefect.flow_run_id": str(flow_run.id),
-                                                             **tracking.source_tags("pipeline")})
+                                                             **tracking.source_tags("pipeline")}
+                               | run_recovery.claim(exp, f"pipeline:{c.model_dump_json()}"))
     pid = parent.info.run_id
     common = {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid}
     try:

@@ -17,11 +17,14 @@ from flows import _env  # noqa: F401
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from flows import mlflow_store
+
 
 def tracking_uri(uri: str | None = None) -> str:
     """Explicit argument, else $MLFLOW_TRACKING_URI, else a sqlite store in the working folder."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     check_reachable(uri)  # before any compute: a run that cannot be recorded should not start
+    mlflow_store.ensure_store(uri)  # a new ./mlflow.db is created once, even by concurrent first runs
     mlflow.set_tracking_uri(uri)
     return uri
 
