@@ -22,18 +22,17 @@ from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import ManifestError
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, tracking
+from flows import reporting, served, tracking
 from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, load_split, make_split, save_split
+from projection.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
 from projection.fit import fit_projector
 from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
 from projection.projector import save_projector
@@ -59,11 +58,11 @@ class AlignParams(BaseModel):
 
     source: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
     target: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
-    projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimiser, schedule, early stopping.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split by id.")
-    baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
+    projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
+    loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
+    train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")
+    split: SplitConfig = Field(SplitConfig(), description="Deterministic train/val/test split by id.")
+    baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
     label_column: str | None = Field(
         None, description="Manifest column with class labels (ints or strings): class-level R@1, the transfer figure, "
         "and zero-shot with a class store. Read from label_manifest, else the source's, else the target's manifest.")
@@ -75,7 +74,7 @@ class AlignParams(BaseModel):
         None, description="Column for the cross-modal transfer figure (classes or numbers); default: label_column.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
-    experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
+    experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
 
@@ -105,6 +104,7 @@ def check_inputs(params: AlignParams) -> tuple:
     ids = list(pairs.ids)
     split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
              else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
+    check_split(split, params.split.val_frac)  # before any training: tiny stores failed only at evaluation
     return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
 
 
@@ -176,8 +176,9 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
-    with mlflow.start_run(experiment_id=tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}"),
-                          run_name=run_name, tags=_tags(params, src, tgt, dataset)) as run:
+    exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
+    tags = _tags(params, src, tgt, dataset) | run_recovery.claim(exp, run_dir)  # a killed run here: KILLED, linked
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
         baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"])
         mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
@@ -191,16 +192,14 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "kept_ridge_start": float(fit.kept_start)})
+        run_recovery.fill_history(run.info.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}
         preds |= {name: b.predict(x_test) for name, b in baselines.items()}
         table, spaces = _evaluate(preds, x_test, y_test, data, task)
         _log_artifacts(table, spaces, params, result, preds, y_test, task, run_dir, run_name)
-        example = x_test[:4].astype(np.float32)
-        with torch.no_grad():
-            out_example = model(torch.from_numpy(example)).numpy()
-        mlflow.pytorch.log_model(model, name="projector", signature=mlflow.models.infer_signature(example, out_example),
-                                 input_example=example, serialization_format="pickle")
+        # safetensors + JSON as a pyfunc model (no pickle), naming both encoders: what `xmodal promote` registers
+        served.log_projector_model(run_dir / "projector", src, tgt)
     origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.info.run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n\n{reporting.spaces_markdown(spaces)}\n")
@@ -217,7 +216,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
 
 
 def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
-    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset,
+    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset, **tracking.source_tags("align"),
             "source_weights_origin": src.attrs.get("weights_origin", ""),
             "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     if params.parent_run_id:
@@ -226,9 +225,9 @@ def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:
-    mlflow.log_params(_flat({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
-                             "train": params.train.model_dump(), "split": params.split.model_dump(),
-                             "baselines": params.baselines.model_dump()}))
+    mlflow.log_params(tracking.flatten({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
+                                        "train": params.train.model_dump(), "split": params.split.model_dump(),
+                                        "baselines": params.baselines.model_dump()}))
     mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": sum(map(len, split.values())),
                        "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
                        "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
@@ -303,16 +302,6 @@ def _publish_latest(run_dir: Path, latest: Path) -> None:
     if latest.exists():
         shutil.rmtree(latest)
     os.replace(tmp, latest)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "terms":
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
-    return out
 
 
 expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's
