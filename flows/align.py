@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import ManifestError
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, served, tracking
+from flows import reporting, run_recovery, served, tracking
 from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
