@@ -136,10 +136,6 @@ class ContrastiveTrainer(loop.Trainer):
         za, zb = self.model(ba.to(self.device), bb.to(self.device))  # (B, D) each, unit norm
         return self.loss_fn(za, zb)
 
-    def train_mode(self, training: bool) -> None:
-        self.model.train(training)
-        self.loss_fn.train(training)
-
     def validate(self) -> dict[str, float]:
         return _validate(self.model, self.loss_fn, *self.val, self.cfg, self.device) if self.val else {}
 

@@ -228,10 +228,6 @@ class FinetuneTrainer(loop.Trainer):
             out = self.model(x if self.raw else x.to(self.device), raw=self.raw)
         return self.model.head.loss(out, self.y_train[idx.to(self.device)])
 
-    def train_mode(self, training: bool) -> None:
-        self.model.train(training)
-        self.enc.train_mode(training)
-
     def validate(self) -> dict[str, float]:
         if self.val_in is None:
             return {}
@@ -320,19 +316,11 @@ def finetune(
     )  # fmt: skip
 
 
-def frozen_head_baseline(
-    encoder: FrozenEncoder,
-    projector: nn.Module | str | Path,
-    train_data: TaskData,
-    val_data: TaskData | None,
-    cfg: FinetuneConfig,
-    checkpoint_dir: str | Path | None = None,
-    callback: loop.Callback | None = None,
-) -> FinetuneResult:
+def frozen_head_baseline(encoder: FrozenEncoder, projector: nn.Module | str | Path, train_data: TaskData,
+                         val_data: TaskData | None, cfg: FinetuneConfig, **run: Any) -> FinetuneResult:
     """The "before" number: ``finetune`` with ``unfreeze='none'`` and everything else equal (same
     head init from cfg.seed, same head_lr schedule, epochs, batches, early stopping), i.e. a
     projector + head trained on frozen encoder features. Pass a FRESH projector (or its directory):
-    the one given is trained in place. Use a different checkpoint_dir than the fine-tuning run."""
-    return finetune(encoder, projector, train_data, val_data, cfg.model_copy(update={"unfreeze": "none"}), checkpoint_dir, callback)
-
-
+    the one given is trained in place. ``run``: ``checkpoint_dir`` (not the fine-tuning run's) and
+    ``callback``, as for ``finetune``."""
+    return finetune(encoder, projector, train_data, val_data, cfg.model_copy(update={"unfreeze": "none"}), **run)

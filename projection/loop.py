@@ -113,7 +113,9 @@ class Trainer:
         raise NotImplementedError
 
     def train_mode(self, training: bool) -> None:
-        raise NotImplementedError
+        """Every part to train/eval mode; a part that is not a module (an encoder part) by its own train_mode."""
+        for part in self.parts().values():
+            part.train_mode(training) if hasattr(part, "train_mode") else part.train(training)
 
     def validate(self) -> dict[str, float]:
         return {}

@@ -87,10 +87,6 @@ class Stage1(loop.Trainer):
         xb, yb = batch
         return self.loss_fn(self.model(xb), yb)  # (B, D_src) -> (B, D_tgt) -> ()
 
-    def train_mode(self, training: bool) -> None:
-        self.model.train(training)
-        self.loss_fn.train(training)
-
     def validate(self) -> dict[str, float]:
         if self.val_pairs is None:
             return {}

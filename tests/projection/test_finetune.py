@@ -1,15 +1,11 @@
 """Stage-2 fine-tuning: unfreeze policies, discriminative LRs, tasks, kill -9 resume, HF blocks.
 
 Tiny random-init encoders only (the open_clip config in data/models, a 2-layer HF BERT built
-here), so nothing is downloaded. Run as a script, this file is the kill -9 worker:
-    python tests/projection/test_finetune.py CKPT_DIR OUT_FILE SLEEP_PER_EPOCH
+here), so nothing is downloaded. kill -9 and resume: tests/projection/test_loop.py (all three loops).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +14,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VIT = REPO / "data" / "models" / "xmodal-tiny-vit.json"
-for _p in (REPO, REPO / "tests"):  # script mode (the kill -9 worker) imports from both
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
 from projection.config import ProjectorConfig  # noqa: E402
 from projection.finetune import (  # noqa: E402
-    CHECKPOINT_FILE,
     TaskData,
     evaluate_task,
     finetune,
@@ -38,7 +29,6 @@ from projection.unfreeze import apply_unfreeze, encoder_blocks  # noqa: E402
 from projection.finetune_config import FinetuneConfig  # noqa: E402
 from projection.metrics import bidirectional_ranks  # noqa: E402
 from projection.projector import make_projector, save_projector  # noqa: E402
-from tests_support import kill_9_after_first_checkpoint, spawn_python  # noqa: E402
 
 D_TGT = 16
 WORKER_EPOCHS = 4
@@ -347,52 +337,3 @@ def test_hf_vit_layout_includes_final_layernorm(tmp_path):
     names = apply_unfreeze(enc, "last_n", 2)
     assert names and all(n.startswith((f"{stack}.1.", f"{stack}.2.", "layernorm.")) for n in names)
     assert any(n.startswith("layernorm.") for n in names)
-
-
-# ------------------------------------------------------------------ kill -9 + resume
-
-
-def _worker(ckpt_dir: str, out_file: str, sleep: float) -> None:
-    """Deterministic fine-tuning run of the tiny open_clip TEXT tower (last block unfrozen)."""
-    torch.set_num_threads(1)
-    texts, labels = _texts(40)
-    cfg = _cfg(unfreeze="last_n", epochs=WORKER_EPOCHS, batch_size=8, warmup_frac=0.2)
-    enc = _enc("text")
-    res = finetune(enc, _proj(), TaskData(texts[:32], labels[:32]), TaskData(texts[32:], labels[32:]), cfg,
-                   checkpoint_dir=ckpt_dir, callback=lambda *a: time.sleep(sleep))  # fmt: skip
-    names = set(res.trainable_encoder_params)
-    out = {f"encoder.{k}": v for k, v in enc.module.state_dict().items() if k in names}
-    out |= {f"model.{k}": v for k, v in res.model.state_dict().items()}
-    torch.save(out, out_file)
-    print(f"resumed_from={res.resumed_from_epoch} epochs_run={res.epochs_run}", flush=True)
-
-
-def _spawn(ckpt: Path, out: Path, sleep: float) -> subprocess.Popen:
-    return spawn_python(__file__, ckpt, out, sleep)
-
-
-def test_kill9_during_finetuning_and_resume_matches_uninterrupted_run(tmp_path):
-    ref = _spawn(tmp_path / "ref_ckpt", tmp_path / "ref.pt", 0)
-    victim = _spawn(tmp_path / "ckpt", tmp_path / "killed.pt", 1.0)
-    ckpt = tmp_path / "ckpt" / CHECKPOINT_FILE
-    kill_9_after_first_checkpoint(victim, ckpt)
-    ck = torch.load(ckpt, weights_only=True)  # plain tensors/numbers: loads without pickle code
-    done = ck["epoch"]
-    assert 1 <= done < WORKER_EPOCHS and not (tmp_path / "killed.pt").exists()
-    assert ck["encoder"] and all(k.startswith(("transformer.resblocks.1.", "ln_final.", "text_projection")) for k in ck["encoder"])
-
-    resumed = _spawn(tmp_path / "ckpt", tmp_path / "resumed.pt", 0)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert f"resumed_from={done} epochs_run={WORKER_EPOCHS}" in out
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out
-    assert f"resumed_from=None epochs_run={WORKER_EPOCHS}" in ref_out
-    a, b = torch.load(tmp_path / "resumed.pt", weights_only=True), torch.load(tmp_path / "ref.pt", weights_only=True)
-    assert a.keys() == b.keys() and any(k.startswith("encoder.") for k in a)
-    for k in a:  # same seed, same thread count: bit-identical to the uninterrupted run
-        assert torch.equal(a[k], b[k]), k
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], float(sys.argv[3]))
