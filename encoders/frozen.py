@@ -70,6 +70,7 @@ class FrozenEncoder(ABC):
     origin: WeightsOrigin
     digest: str
     dim: int
+    source: str = ""  # where the weights came from beyond the origin (package + file digest, file path)
 
     @property
     def modality(self) -> str:
@@ -114,7 +115,7 @@ class FrozenEncoder(ABC):
     def layout(self) -> EncoderLayout:
         """Blocks, post-block layers and tower by name (``encoders.layout``): what stage 2 unfreezes.
 
-        Each backend that supports partial fine-tuning overrides this (open_clip, hf; timm next).
+        Each backend that supports partial fine-tuning overrides this (open_clip, hf, timm).
         """
         raise ValueError(f"{self.spec.backend} encoders do not describe their blocks yet ({self.spec}); "
                          "fine-tune them with unfreeze='none'")
@@ -128,6 +129,7 @@ class FrozenEncoder(ABC):
             "encoder_spec": self.spec.identity,
             "weights_origin": self.origin,
             "weights_digest": self.digest,
+            "weights_source": self.source,
             "dim": self.dim,
             "device": str(self.device),
         }
