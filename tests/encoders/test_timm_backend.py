@@ -161,10 +161,10 @@ def test_extract_writes_a_store_recording_the_packaged_origin(tmp_path):
 
 
 def test_stage2_last_n_unfreezes_the_last_block_and_head_conv_not_the_classifier(tiny_timm_files):
-    from projection.finetune import apply_unfreeze, encoder_layout
+    from projection.unfreeze import apply_unfreeze
 
     enc = load_encoder(f"timm:image:test_efficientnet@{tiny_timm_files['safetensors']}?image_size=32")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     n = len(enc.module.blocks)
     assert layout.blocks == [f"blocks.{i}" for i in range(n)]
     assert layout.post[:2] == ["conv_head", "bn2"] and layout.exclude == ["classifier"]
@@ -178,12 +178,13 @@ def test_stage2_last_n_unfreezes_the_last_block_and_head_conv_not_the_classifier
 
 
 def test_stage2_training_keeps_pretrained_batchnorm_statistics(tiny_timm_files):
-    from projection.finetune import _set_encoder_mode, apply_unfreeze
+    from projection.unfreeze import EncoderPart, apply_unfreeze
 
     enc = load_encoder(f"timm:image:test_efficientnet@{tiny_timm_files['safetensors']}?image_size=32")
     n = len(enc.module.blocks)
     apply_unfreeze(enc, "last_n", 1)
-    _set_encoder_mode(enc, [f"blocks.{n - 1}", "conv_head", "bn2"], ["classifier"], training=True)
+    part = EncoderPart(enc, "last_n", 1)
+    part.train_mode(True)
     last = enc.module.blocks[n - 1]
     bns = [m for m in last.modules() if isinstance(m, torch.nn.BatchNorm2d)] + [enc.module.bn2]
     assert bns and not any(m.training for m in bns)
