@@ -230,7 +230,7 @@ def _lr_metrics(opt: torch.optim.Optimizer, sched, n_sets: int) -> dict[str, flo
     return {f"lr_{g['name'].removesuffix('_no_decay')}": lr for g, lr in zip(opt.param_groups, sched.get_last_lr())}
 
 
-def _step(loss: torch.Tensor, opt, sched, params: list[nn.Parameter], grad_clip: float | None) -> None:
+def optimizer_step(loss: torch.Tensor, opt, sched, params: list[nn.Parameter], grad_clip: float | None) -> None:
     # The order (zero grads, backward, clip, step, schedule) is part of the bit-identical-resume contract.
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -292,7 +292,7 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
         n = 0
         for batch in trainer.batches(gen):
             loss = trainer.loss(batch)
-            _step(loss, opt, sched, params, cfg.grad_clip)
+            optimizer_step(loss, opt, sched, params, cfg.grad_clip)
             total.add_(loss.detach())
             n += 1
         state.step += n

@@ -27,8 +27,7 @@ from projection.config import ProjectorConfig, TrainConfig
 from projection.baselines import ProcrustesBaseline
 from projection.projector import Projector, make_projector
 from projection.refine import RefinedMap, RefineConfig
-from projection.steps import optimizer_step
-from projection.train import _param_groups, warmup_cosine
+from projection.loop import ParamSet, optimizer_step, param_groups, warmup_cosine
 
 
 @dataclass
@@ -121,7 +120,8 @@ def train_semi(x_pairs, y_pairs, x_unpaired, y_unpaired, pcfg: ProjectorConfig, 
     var_s, var_t = float(x_all.var(0).sum()), float(y_all.var(0).sum())
     obj = SemiObjective(f, g, var_s, var_t, cfg)
     params = [p for p in obj.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(params, train.weight_decay), lr=train.lr)
+    # the loop's one weight-decay rule (matrices decay; biases, norms and scalars do not)
+    opt = torch.optim.AdamW(param_groups([ParamSet("semi", [obj], train.lr)], train.weight_decay), lr=train.lr)
     warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_frac * cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, cfg.steps, train.min_lr_ratio))
     gen = torch.Generator().manual_seed(train.seed)
