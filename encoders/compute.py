@@ -95,15 +95,26 @@ class BatchEncoder:
             self._pool = None
             _restore_threads()
 
-    def __call__(self, items: list[Any]) -> np.ndarray:
+    def __call__(self, batch: Any) -> np.ndarray:
+        """One collated batch (``encoder.collate``'s output; None when it holds no valid item) -> (B, D)."""
         enc = self.encoder
-        if not items:
+        n = 0 if batch is None else _rows(batch)
+        if n == 0:
             return np.zeros((0, enc.dim), np.float32)
-        if self._pool is None or len(items) < 2:
-            return enc.encode(enc.collate(items)).cpu().numpy()
-        n = min(self.workers, len(items))
-        bounds = np.linspace(0, len(items), n + 1).astype(int)
-        # Collate on this thread: fast tokenizers must not be called from two threads at once.
-        batches = [enc.collate(items[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        parts = list(self._pool.map(enc.encode, batches))
+        if self._pool is None or n < 2:
+            return enc.encode(batch).cpu().numpy()
+        parts = list(self._pool.map(enc.encode, _split(batch, min(self.workers, n))))
         return torch.cat(parts).cpu().numpy()
+
+
+def _rows(batch: Any) -> int:
+    return len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
+
+
+def _split(batch: Any, n: int) -> list[Any]:
+    """``n`` row slices of a collated batch. A padded text batch keeps its padding: the attention
+    mask makes pooling ignore it, so slices give the rows the whole batch would."""
+    bounds = np.linspace(0, _rows(batch), n + 1).astype(int)
+    if isinstance(batch, dict):
+        return [{k: v[lo:hi] for k, v in batch.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [batch[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -7,7 +7,7 @@ Layout::
     /errors/ids     (E,)   ids of manifest rows that produced no embedding
     /errors/reasons (E,)   why (missing file, corrupt image, empty text, duplicate id, ...)
     attrs: format_version, dataset, modality, encoder_spec, weights_digest, weights_origin, dim,
-           dtype, normalized, manifest_digest, library_versions (JSON), created, rows_done, n,
+           dtype, compute_dtype, normalized, manifest_digest, library_versions (JSON), created, rows_done, n,
            complete
 
 Why this shape: rows are appended one batch at a time and the file is flushed after each batch,
@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,7 +37,9 @@ import numpy as np
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 # Attributes that must match for a partial store to be continued rather than rebuilt.
-IDENTITY_ATTRS = ("encoder_spec", "weights_digest", "manifest_digest", "dtype", "dim", "normalized")
+IDENTITY_ATTRS = ("encoder_spec", "weights_digest", "manifest_digest", "dtype", "dim", "normalized", "compute_dtype")
+# What an identity attribute meant before it was recorded (stores written before compute_dtype existed ran fp32).
+IDENTITY_DEFAULTS = {"compute_dtype": "fp32"}
 
 
 class StoreError(RuntimeError):
@@ -57,6 +60,22 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+_HELD: weakref.WeakSet[_Lock] = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader decode worker) shares the parent's flock through the inherited fd
+    and would keep the store locked after a kill -9 of the parent; it closes its copy (closing one
+    of the fds does not unlock: flock holds until the last one is closed)."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            os.close(lock.fd)
+            lock.fd = None
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 class _Lock:
@@ -81,12 +100,14 @@ class _Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self.fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            _HELD.discard(self)
 
 
 class StoreWriter:
@@ -130,7 +151,8 @@ class StoreWriter:
                 # A file killed before its first flush is unreadable; it holds nothing to keep.
                 f = None
             if f is not None:
-                mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k)) != _plain(self.attrs.get(k))]
+                mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k, IDENTITY_DEFAULTS.get(k)))
+                            != _plain(self.attrs.get(k, IDENTITY_DEFAULTS.get(k)))]
                 if not mismatch:
                     self.f = f
                     self._truncate_to_committed()
