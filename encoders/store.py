@@ -24,7 +24,6 @@ import errno
 import fcntl
 import json
 import os
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -62,20 +61,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-_HELD: weakref.WeakSet[_Lock] = weakref.WeakSet()
+# File descriptors a forked child (a DataLoader decode worker, encoders/loader.py) must not keep:
+# the lock's and the HDF5 file's. Both are flock-ed, and a child holding a copy would keep the store
+# locked after a kill -9 of the writer, so the rerun is refused ("locked", or HDF5's "unable to lock
+# file") until the orphaned workers notice their parent is gone.
+_PRIVATE_FDS: set[int] = set()
 
 
-def _drop_locks_in_child() -> None:
-    """A forked child (a DataLoader decode worker) shares the parent's flock through the inherited fd
-    and would keep the store locked after a kill -9 of the parent; it closes its copy (closing one
-    of the fds does not unlock: flock holds until the last one is closed)."""
-    for lock in list(_HELD):
-        if lock.fd is not None:
-            os.close(lock.fd)
-            lock.fd = None
+def _drop_private_fds_in_child() -> None:
+    """Point the child's copies at /dev/null: its reference to the locked file is gone (flock holds
+    until the last one closes), and the numbers stay taken, so nothing else can be opened on them."""
+    if not _PRIVATE_FDS:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _PRIVATE_FDS:
+        os.dup2(null, fd)
+    os.close(null)
 
 
-os.register_at_fork(after_in_child=_drop_locks_in_child)
+os.register_at_fork(after_in_child=_drop_private_fds_in_child)
 
 
 class _Lock:
@@ -100,14 +104,14 @@ class _Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self.fd = fd
-        _HELD.add(self)
+        _PRIVATE_FDS.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+            _PRIVATE_FDS.discard(self.fd)
             os.close(self.fd)
             self.fd = None
-            _HELD.discard(self)
 
 
 class StoreWriter:
@@ -125,6 +129,7 @@ class StoreWriter:
         self.overwrite = overwrite
         self._lock = _Lock(self.path)
         self.f: h5py.File | None = None
+        self._fd: int | None = None
         self.resumed_rows = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         if self.f is not None:
+            _PRIVATE_FDS.discard(self._fd)
             self.f.close()
             self.f = None
         self._lock.release()
@@ -154,7 +160,7 @@ class StoreWriter:
                 mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k, IDENTITY_DEFAULTS.get(k)))
                             != _plain(self.attrs.get(k, IDENTITY_DEFAULTS.get(k)))]
                 if not mismatch:
-                    self.f = f
+                    self._adopt(f)
                     self._truncate_to_committed()
                     return
                 done = bool(f.attrs.get("complete", False))
@@ -188,7 +194,12 @@ class StoreWriter:
             f.attrs["n_errors"] = 0
             f.attrs["complete"] = False
         os.replace(tmp, self.path)  # a store either exists with its layout or not at all
-        self.f = h5py.File(self.path, "r+")
+        self._adopt(h5py.File(self.path, "r+"))
+
+    def _adopt(self, f: h5py.File) -> None:
+        self.f = f
+        self._fd = int(f.id.get_vfd_handle())  # the sec2 driver's file descriptor
+        _PRIVATE_FDS.add(self._fd)
 
     def _truncate_to_committed(self) -> None:
         """Drop rows a killed writer wrote after its last committed batch."""
