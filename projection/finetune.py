@@ -571,6 +571,9 @@ def finetune(
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     higher = cfg.higher_is_better
     autocast_on = cfg.bf16 or encoder.spec.dtype == "bf16"
+    if raw and encoder.compute_dtype != torch.float32:  # its weights were cast for inference (encoders/frozen.py)
+        raise ValueError(f"stage 2 trains float32 weights but {encoder.spec} computes in {encoder.compute_dtype}: "
+                         "load the encoder with dtype=fp32 and set bf16=true in the fine-tune config")
 
     fork_devices = [device] if device.type == "cuda" else []
     grad_ckpt = _GradCheckpointing(encoder, cfg.grad_checkpointing and raw)
