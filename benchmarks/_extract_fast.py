@@ -129,6 +129,11 @@ def run_decode(manifest: Path, cores: int, rounds: int, timings: dict) -> dict:
     enc = load_encoder(SPEC)  # only its preprocess and collate run: the model is removed from the loop
     bounds = [(lo, min(lo + BATCH, len(ids))) for lo in range(0, len(ids), BATCH)]
     counts = sorted({0, 1, 2, cores})
+    ds = RowBatches(enc, raw, ids, {}, bounds)
+    c0 = time.process_time()  # CPU time, not wall: what one core pays per item, whatever else runs here
+    for k in range(len(ds)):
+        ds[k]
+    cpu_per_item = (time.process_time() - c0) / len(ids)
     rates: dict[int, list[float]] = {w: [] for w in counts}
     starts: dict[int, list[float]] = {}
     for r in range(rounds):
@@ -144,6 +149,7 @@ def run_decode(manifest: Path, cores: int, rounds: int, timings: dict) -> dict:
         "n_images": len(ids), "rounds": rounds, "cores": cores,
         "items_per_s_rounds": {str(w): [round(x, 1) for x in v] for w, v in rates.items()},
         "items_per_s": {str(w): round(v, 1) for w, v in best.items()},
+        "cpu_s_per_item": round(cpu_per_item, 5), "items_per_core_s": round(1 / cpu_per_item, 1),
         "first_batch_s": {str(w): round(min(v), 2) for w, v in starts.items()},
         "two_over_one_worker": round(best[2] / best[1], 3), "goal": ">= 1.7",
         "all_cores_over_one_worker": round(best[cores] / best[1], 3),
@@ -164,7 +170,7 @@ def _steady_rate(batches) -> tuple[float, float]:
 def gpu_plan(precision: dict, decode: dict) -> dict:
     """On paper: decode workers an H100 at bf16 needs for this model, from the measured per-worker rate."""
     model_rate = H100_BF16_DENSE * H100_REALISTIC / precision["flops_per_image"]
-    per_worker = decode["items_per_s"]["1"]
+    per_worker = decode["items_per_core_s"]  # CPU time per item: a worker on a core of its own
     return {"h100_bf16_peak_tflops": H100_BF16_DENSE / 1e12, "assumed_fraction": H100_REALISTIC,
             "h100_items_per_s": round(model_rate), "decode_items_per_s_per_worker": per_worker,
             "workers_needed": int(-(-model_rate // per_worker))}
@@ -187,10 +193,12 @@ def print_summary(p: dict | None, d: dict | None, g: dict | None) -> None:
         print(f"(d) decode only (model removed), {d['n_images']} PNGs, {d['cores']} usable cores:")
         for w, v in d["items_per_s_rounds"].items():
             print(f"    {'helper thread' if w == '0' else w + ' worker process(es)':<24}: {_spread(v)} items/s")
+        print(f"    decode CPU time per item    : {d['cpu_s_per_item'] * 1e3:.2f} ms = {d['items_per_core_s']:.0f} items/s per "
+              "core (load-independent; the wall rates above are what this session's share of a busy machine gives)")
         print(f"    time to the first batch     : " + ", ".join(f"{w}: {v:.2f} s" for w, v in d["first_batch_s"].items()))
         print(f"    2 workers / 1 worker        : {d['two_over_one_worker']:.2f}x (goal >= 1.7); all cores / 1: "
               f"{d['all_cores_over_one_worker']:.2f}x")
     if g:
         print(f"    H100 plan: {g['h100_bf16_peak_tflops']:.0f} TFLOP/s bf16 x {g['assumed_fraction']} / FLOPs per image = "
               f"{g['h100_items_per_s']:,} items/s; at {g['decode_items_per_s_per_worker']:.0f} items/s per decode worker "
-              f"that needs {g['workers_needed']} workers")
+              f"that needs {g['workers_needed']} decode workers")
