@@ -10,6 +10,9 @@ own matrix products, with no barrier between them. Measured on this project's 2-
 identical embeddings; inside the flow, 1.02-1.04x a bare open_clip loop where torch's own
 threading reaches 0.92-0.95x (benchmarks/extract.py).
 
+The same holds at bf16 (weights cast once, encoders/frozen.py): sliced 5.48 vs 4.60 items/s best
+of 3 interleaved rounds on a busy machine (benchmarks/extract.py (c)), so slicing stays the default.
+
 The batch stays the unit of commit: slices are joined in order before the batch is written, so
 kill -9 still loses at most the batch in flight and a resumed store is identical. On CUDA/MPS one
 worker does everything, as before (the device is the parallel part there).
@@ -96,7 +99,8 @@ class BatchEncoder:
             _restore_threads()
 
     def __call__(self, batch: Any) -> np.ndarray:
-        """One collated batch (``encoder.collate``'s output; None when it holds no valid item) -> (B, D)."""
+        """One collated batch (``encoder.collate``'s output, made by encoders/loader.py; None when it
+        holds no valid item) -> (B, D)."""
         enc = self.encoder
         n = 0 if batch is None else _rows(batch)
         if n == 0:
