@@ -2,22 +2,26 @@
 
 Usage::
 
-    python -m data.build [--out data/generated] [--scenes 600] [--seed 0] [--force]
+    python -m data.build [--out data/generated] [--scenes 600] [--fashion 3000] [--seed 0] [--force]
 
 or from Python::
 
     from data.build import build_all
-    manifests = build_all(Path("data/generated"))   # -> {"digits": ..., "digit_classes": ..., "scenes": ...}
+    manifests = build_all(Path("data/generated"))   # -> {"fashion": ..., "fashion_classes": ..., "stereo": ..., "digits": ...}
 
-Nothing is downloaded: the digits come from scikit-learn's *bundled* copy of the UCI
-handwritten digits (``sklearn.datasets.load_digits``), and the scenes are synthesised
-from a seeded numpy RNG.  Every PNG is written by PIL with no metadata chunks, so two
+The real sets: Fashion-MNIST from the Debian package (``data/fashion_mnist.py``; fetched without
+root when missing, else the digits stand in) and RGB/disparity patches of a real Middlebury stereo
+scene bundled with scikit-image (``data/stereo.py``). The small sets: the digits come from
+scikit-learn's *bundled* copy of the UCI handwritten digits (``sklearn.datasets.load_digits``), and
+the synthetic scenes (kept for fast tests: exact depth, known objects) from a seeded numpy RNG.
+Nothing is downloaded at run time except the Debian package by apt.  Every PNG is written by PIL with no metadata chunks, so two
 builds with the same parameters are identical byte for byte.
 
 Output layout (all paths in the manifests are relative to the manifest's folder)::
 
     <out>/
       build.json                  stamp: parameters + digest; a matching stamp skips the rebuild
+      fashion/, stereo/           see data/fashion_mnist.py and data/stereo.py
       digits/
         manifest.csv              id, image, sketch, caption, label          (1,797 rows)
         classes.csv               id, caption, label                         (10 rows, class-0..class-9)
@@ -53,8 +57,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy import ndimage
+
+from data import fashion_mnist
+from data.common import load_png, save_png, sobel_sketch, write_csv  # noqa: F401 (re-exported)
+from data.stereo import build_stereo
 
 BUILDER_VERSION = 1
 IMAGE_SIZE = 32
@@ -79,26 +85,6 @@ def caption_for(label: int) -> str:
     return CAPTION_TEMPLATE.format(word=NUMBER_WORDS[int(label)])
 
 
-# --------------------------------------------------------------------------- PNG I/O
-
-
-def save_png(arr: np.ndarray, path: Path) -> None:
-    """Write an HxW or HxWx3 uint8 array as an RGB PNG with no metadata (deterministic)."""
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"expected uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    Image.fromarray(np.ascontiguousarray(arr), mode="RGB").save(
-        path, format="PNG", optimize=False, compress_level=6
-    )
-
-
-def load_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 # --------------------------------------------------------------------------- digits
 
 
@@ -106,16 +92,6 @@ def upscale_digit(digit: np.ndarray) -> np.ndarray:
     """8x8 digit (0..16, ink high) -> 32x32 uint8 gray, white ink on black, nearest-neighbour."""
     gray = np.rint(np.asarray(digit, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return np.repeat(np.repeat(gray, DIGIT_UPSCALE, axis=0), DIGIT_UPSCALE, axis=1)
-
-
-def sobel_sketch(gray: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude of a 2-D image, normalised to 0..255 uint8 (0 where flat)."""
-    g = np.asarray(gray, dtype=np.float64)
-    mag = np.hypot(ndimage.sobel(g, axis=0, mode="reflect"), ndimage.sobel(g, axis=1, mode="reflect"))
-    peak = mag.max()
-    if peak <= 0:
-        return np.zeros(g.shape, dtype=np.uint8)
-    return np.rint(mag * (255.0 / peak)).clip(0, 255).astype(np.uint8)
 
 
 def _build_digits(out: Path) -> tuple[Path, Path]:
@@ -134,9 +110,9 @@ def _build_digits(out: Path) -> tuple[Path, Path]:
         save_png(sobel_sketch(up), out / sk_rel)
         rows.append({"id": did, "image": img_rel, "sketch": sk_rel, "caption": caption_for(label), "label": int(label)})
     manifest = out / "manifest.csv"
-    _write_csv(pd.DataFrame(rows, columns=["id", "image", "sketch", "caption", "label"]), manifest)
+    write_csv(pd.DataFrame(rows, columns=["id", "image", "sketch", "caption", "label"]), manifest)
     classes = out / "classes.csv"
-    _write_csv(
+    write_csv(
         pd.DataFrame(
             [{"id": f"class-{k}", "caption": caption_for(k), "label": k} for k in range(10)],
             columns=["id", "caption", "label"],
@@ -250,37 +226,44 @@ def _build_scenes(out: Path, n_scenes: int, seed: int) -> Path:
             }
         )
     manifest = out / "manifest.csv"
-    _write_csv(pd.DataFrame(rows), manifest)
+    write_csv(pd.DataFrame(rows), manifest)
     return manifest
 
 
 # --------------------------------------------------------------------------- orchestration
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    df.to_csv(path, index=False, lineterminator="\n", float_format="%.6f")
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _params(n_scenes: int, seed: int) -> dict:
+def _params(n_scenes: int, seed: int, fashion_size: int, fashion: bool) -> dict:
     return {
         "builder_version": BUILDER_VERSION,
-        "builder_sha256": _sha256(Path(__file__)),  # any edit to this builder forces a rebuild
+        # any edit to a builder forces a rebuild
+        "builder_sha256": {f.name: _sha256(f) for f in sorted(Path(__file__).parent.glob("*.py"))},
         "image_size": IMAGE_SIZE,
         "n_scenes": int(n_scenes),
         "seed": int(seed),
+        "fashion_size": int(fashion_size) if fashion else None,  # None: Fashion-MNIST unavailable, digits stand in
     }
 
 
-def _manifest_paths(out: Path) -> dict[str, Path]:
-    return {
+def _manifest_paths(out: Path, fashion: bool) -> dict[str, Path]:
+    paths = {
         "digits": out / "digits" / "manifest.csv",
         "digit_classes": out / "digits" / "classes.csv",
         "scenes": out / "scenes" / "manifest.csv",
+        "stereo": out / "stereo" / "manifest.csv",
     }
+    if fashion:
+        paths |= {"fashion": out / "fashion" / "manifest.csv", "fashion_classes": out / "fashion" / "classes.csv"}
+    return paths
+
+
+def _with_fallback(paths: dict[str, Path]) -> dict[str, Path]:
+    """Without Fashion-MNIST its keys name the digits, so callers run on whichever set exists."""
+    return {"fashion": paths["digits"], "fashion_classes": paths["digit_classes"]} | paths
 
 
 def _digest(paths: dict[str, Path]) -> str:
@@ -291,9 +274,8 @@ def _digest(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
-def _is_up_to_date(out: Path, params: dict) -> bool:
+def _is_up_to_date(out: Path, params: dict, paths: dict[str, Path]) -> bool:
     stamp = out / "build.json"
-    paths = _manifest_paths(out)
     if not stamp.is_file() or not all(p.is_file() for p in paths.values()):
         return False
     try:
@@ -306,29 +288,40 @@ def _is_up_to_date(out: Path, params: dict) -> bool:
     return all(len(list((out / sub).glob("*.png"))) == counts.get(sub, -1) for sub in _PNG_DIRS)
 
 
-_PNG_DIRS = ("digits/images", "digits/sketches", "scenes/rgb", "scenes/depth")
+_PNG_DIRS = ("digits/images", "digits/sketches", "scenes/rgb", "scenes/depth", "fashion/images", "fashion/sketches",
+             "stereo/rgb", "stereo/depth", "stereo/disparity")
 
 
-def build_all(out_dir: Path = DEFAULT_OUT, n_scenes: int = 600, seed: int = 0, force: bool = False) -> dict[str, Path]:
-    """Build digits + scenes under ``out_dir``; return ``{"digits", "digit_classes", "scenes"}`` manifest paths.
+def build_all(out_dir: Path = DEFAULT_OUT, n_scenes: int = 600, seed: int = 0, force: bool = False,
+              fashion_size: int = 3000, say=print) -> dict[str, Path]:
+    """Build every sample set under ``out_dir``; return their manifest paths by name: ``digits``,
+    ``digit_classes``, ``scenes``, ``stereo``, ``fashion``, ``fashion_classes`` (the last two name
+    the digits when Fashion-MNIST cannot be had, said in one line).
 
     Skips the work when ``out_dir/build.json`` records the same parameters (including the
-    builder's own hash) and the manifests still match its digest; ``force=True`` rebuilds.
+    builders' own hashes) and the manifests still match its digest; ``force=True`` rebuilds.
+    ``fashion_size``: balanced Fashion-MNIST rows (0 = all 70,000).
     """
     if n_scenes < 1:
         raise ValueError("n_scenes must be >= 1")
     out = Path(out_dir)
-    params = _params(n_scenes, seed)
-    paths = _manifest_paths(out)
-    if not force and _is_up_to_date(out, params):
-        return paths
+    folder = fashion_mnist.locate_idx(fetch=False)  # installed or already unpacked: no network
+    params, paths = _params(n_scenes, seed, fashion_size, folder is not None), _manifest_paths(out, folder is not None)
+    if not force and _is_up_to_date(out, params, paths):
+        return _with_fallback(paths)
+    if folder is None:
+        folder = fashion_mnist.locate_idx(fetch=True, say=say)
+        params, paths = _params(n_scenes, seed, fashion_size, folder is not None), _manifest_paths(out, folder is not None)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").unlink(missing_ok=True)  # invalid until the build completes
-    for sub in ("digits", "scenes"):
+    for sub in ("digits", "scenes", "stereo", "fashion"):
         shutil.rmtree(out / sub, ignore_errors=True)  # drop stale files from other parameters
     _build_digits(out / "digits")
     _build_scenes(out / "scenes", n_scenes, seed)
+    build_stereo(out / "stereo", seed)
+    if folder is not None:
+        fashion_mnist.build_fashion(out / "fashion", folder, fashion_size)
 
     meta = {
         "params": params,
@@ -336,7 +329,7 @@ def build_all(out_dir: Path = DEFAULT_OUT, n_scenes: int = 600, seed: int = 0, f
         "file_counts": {sub: len(list((out / sub).glob("*.png"))) for sub in _PNG_DIRS},
     }
     (out / "build.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return paths
+    return _with_fallback(paths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: data/generated)")
     ap.add_argument("--scenes", type=int, default=600, help="number of RGB/depth scenes (default 600)")
     ap.add_argument("--seed", type=int, default=0, help="scene RNG seed (default 0)")
+    ap.add_argument("--fashion", type=int, default=3000, help="balanced Fashion-MNIST rows, 0 = all 70k (default 3000)")
     ap.add_argument("--force", action="store_true", help="rebuild even if build.json matches")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    paths = build_all(args.out, n_scenes=args.scenes, seed=args.seed, force=args.force)
+    paths = build_all(args.out, n_scenes=args.scenes, seed=args.seed, force=args.force, fashion_size=args.fashion)
     for key, p in paths.items():
         print(f"{key}: {p}")
     print(f"done in {time.perf_counter() - t0:.2f}s")

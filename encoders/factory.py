@@ -12,6 +12,10 @@ def load_encoder(spec: str | EncoderSpec) -> FrozenEncoder:
         from encoders.open_clip_backend import OpenClipEncoder
 
         return OpenClipEncoder(spec)
+    if spec.backend == "timm":
+        from encoders.timm_backend import TimmEncoder
+
+        return TimmEncoder(spec)
     from encoders.hf_backend import HFEncoder
 
     return HFEncoder(spec)

@@ -126,6 +126,7 @@ class FrozenEncoder(ABC):
     origin: WeightsOrigin
     digest: str
     dim: int
+    source: str = ""  # where the weights came from beyond the origin (package + file digest, file path)
 
     @property
     def modality(self) -> str:
@@ -172,11 +173,17 @@ class FrozenEncoder(ABC):
     def _probe_item(self) -> Any:
         """A valid dummy item, used once to learn the output dimension."""
 
+    def layout(self) -> dict[str, list[str]] | None:
+        """Stage 2's unfreeze map (blocks, post, tower, exclude: names under ``module``), for
+        backends that know their own structure; None lets stage 2 find it by name."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "encoder_spec": self.spec.identity,
             "weights_origin": self.origin,
             "weights_digest": self.digest,
+            "weights_source": self.source,
             "dim": self.dim,
             "compute_dtype": {v: k for k, v in DTYPES.items()}[self.compute_dtype],
             "device": str(self.device),

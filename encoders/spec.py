@@ -10,6 +10,8 @@ Grammar (round-trips through ``str(spec)``)::
     open_clip:text:local-dir:/models/my-clip         open_clip folder (open_clip_config.json + weights)
     hf:text:sentence-transformers/all-MiniLM-L6-v2?pooling=mean
     hf:image:/models/my-vit?pooling=cls
+    timm:image:tf_efficientnet_lite0.in1k?image_size=96   timm name.tag (hub cache or packaged copy)
+    timm:image:resnet18@/ckpt/resnet18.safetensors        timm architecture + local checkpoint
 
 A string is what people paste into a CLI or the Prefect UI; the pydantic model is what code and
 forms validate. Both carry the same fields, so a run can always be reproduced from its spec.
@@ -22,9 +24,10 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Backend = Literal["open_clip", "hf"]
+Backend = Literal["open_clip", "hf", "timm"]
 # Options that go into the query string; everything else is positional.
-_QUERY = ("pooling", "normalize", "dtype", "device", "batch_size", "seed", "trust_remote_code", "allow_download")
+_QUERY = ("pooling", "normalize", "dtype", "device", "batch_size", "seed", "trust_remote_code", "allow_download",
+          "image_size")
 Tower = Literal["image", "text"]
 
 
@@ -33,15 +36,16 @@ class EncoderSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Backend = Field(description="'open_clip' or 'hf' (Hugging Face transformers AutoModel).")
+    backend: Backend = Field(description="'open_clip', 'hf' (Hugging Face transformers AutoModel) or 'timm'.")
     tower: Tower = Field(description="Which modality this encoder embeds: 'image' or 'text'.")
     model: str = Field(
         description="open_clip architecture name (e.g. ViT-B-32) or 'local-dir:/path'; "
-        "for hf a hub id or a local directory."
+        "for hf a hub id or a local directory; for timm '<architecture>[.<pretrained tag>]'."
     )
     weights: str | None = Field(
         default=None,
-        description="open_clip only: a pretrained tag, a local checkpoint file, or empty for random init.",
+        description="open_clip: a pretrained tag, a local checkpoint file, or empty for random init; "
+        "timm: a local checkpoint file (the pretrained tag goes in the model name).",
     )
     pooling: Literal["cls", "mean", "pooler"] = Field(
         default="cls", description="hf only: how token states become one vector."
@@ -63,6 +67,11 @@ class EncoderSpec(BaseModel):
         description="Let a missing hub model be downloaded. Off: offline machines fail fast instead.",
     )
 
+    image_size: int | None = Field(
+        default=None, ge=8,
+        description="timm only: resize the whole image to this square size instead of the model's own "
+        "resize-and-crop (small inputs such as 28x28 Fashion-MNIST lose nothing at 96 and cost ~1/5 of 224).",
+    )
 
     @classmethod
     def parse(cls, text: str | EncoderSpec) -> EncoderSpec:

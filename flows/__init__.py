@@ -8,8 +8,6 @@ Exports load lazily (PEP 562), so `xmodal search`, which only reads a store, doe
 torch, prefect and mlflow (hundreds of MB of RSS) just because the CLI lives in this package.
 """
 
-import sys
-import types
 from importlib import import_module
 
 from flows import _env  # noqa: F401  (must run before prefect/mlflow import)
@@ -26,21 +24,10 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
+        module = import_module(_EXPORTS[name])
+        # `align`, `finetune` and `pipeline` name both a module and its flow: the module is
+        # callable as the flow (flows/_flow_module.py), so it is what the package exports.
+        value = module if module.__name__ == f"flows.{name}" else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'flows' has no attribute {name!r}")
-
-
-class _Flows(types.ModuleType):
-    """`flows.align` etc. name both a submodule and the flow it defines. Importing the submodule makes
-    Python set the package attribute to the module; keep the flow there instead, as an eager
-    `from flows.align import align` in this file would."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Flows

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -23,17 +26,19 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from encoders.manifest import Manifest
+from encoders.manifest import ManifestError
 from encoders.store import EmbeddingStore, StoreError, join_stores
 from flows import reporting, tracking
 from flows.extract import _key
+from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, check_finite, make_split, save_split
-from projection.losses import build_loss
-from projection.metrics import alignment_metrics, similarity_matrix, zero_shot
-from projection.projector import make_projector, save_projector
-from projection.train import predict, train_projector
+from projection.data import ChunkedPairs, InMemoryPairs, load_split, make_split, save_split
+from projection.fit import fit_projector
+from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
+from projection.projector import save_projector
+from projection.train import predict
+from projection.transfer import transfer_scores
 
 
 class ProjectorParams(ProjectorConfig):
@@ -60,9 +65,14 @@ class AlignParams(BaseModel):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split by id.")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
     label_column: str | None = Field(
-        None, description="Manifest column with class labels (read from the source store's manifest) for zero-shot.")
+        None, description="Manifest column with class labels (ints or strings): class-level R@1, the transfer figure, "
+        "and zero-shot with a class store. Read from label_manifest, else the source's, else the target's manifest.")
+    label_manifest: str | None = Field(None, description="Manifest (CSV/Parquet, with an id column) holding label_column.")
     class_store: str | None = Field(
-        None, description="Store of class-prompt embeddings in the target space (its manifest has the label column).")
+        None, description="Store of class-prompt embeddings in the target space; its manifest's label column names "
+        "each prompt's class, matched to the labels by value.")
+    transfer_column: str | None = Field(
+        None, description="Column for the cross-modal transfer figure (classes or numbers); default: label_column.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
     experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
@@ -76,162 +86,215 @@ class AlignParams(BaseModel):
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _labels(store: EmbeddingStore, ids, column: str) -> np.ndarray:
-    """Integer labels for ``ids`` from the manifest the store was built from."""
-    manifest = Manifest.read(store.attrs["manifest_path"])
-    table = manifest.frame.drop_duplicates("id").set_index("id")
-    labels = table.reindex(list(ids))[manifest.require(column).name]
-    if labels.isna().any():
-        raise StoreError(f"manifest {manifest.path} has no {column!r} for ids {list(labels[labels.isna()].index[:5])}")
-    return labels.to_numpy().astype(np.int64)
-
-
-def _class_embeddings(class_store: str, column: str) -> np.ndarray:
-    """(K, D) class-prompt embeddings, row k = label k."""
-    cs = EmbeddingStore(class_store)
-    labels = _labels(cs, cs.ids, column)
-    k = int(labels.max()) + 1
-    if sorted(labels.tolist()) != list(range(k)):
-        raise StoreError(f"class store {class_store} must hold exactly one prompt per label 0..{k - 1}, got {sorted(labels)}")
-    out = np.empty((k, cs.dim), np.float32)
-    out[labels] = cs.embeddings()
-    return out
-
-
 @task(name="fit-baselines")
-def fit_baselines_task(x_train: np.ndarray, y_train: np.ndarray, cfg: BaselineConfig) -> dict:
-    return fit_baselines(x_train, y_train, cfg)
+def fit_baselines_task(x_train: np.ndarray, y_train: np.ndarray, cfg: BaselineConfig, x_val: np.ndarray | None = None,
+                       y_val: np.ndarray | None = None) -> dict:
+    return fit_baselines(x_train, y_train, cfg, x_val, y_val)
 
 
-@flow(name="align", log_prints=True)
-def align(params: AlignParams) -> dict:
-    """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
-    logger = get_run_logger()
-    tracking.tracking_uri(params.tracking_uri)
+def check_inputs(params: AlignParams) -> tuple:
+    """Open and join the stores, split, read labels and class prompts: every bad input fails HERE, in one line,
+    before a run folder or an MLflow run exists. (src, tgt, pairs, projector config, ids, split, task inputs)."""
     src, tgt = EmbeddingStore(params.source), EmbeddingStore(params.target)
     pairs = join_stores(src, tgt)
-    sname, tname = f"{Path(src.path).name}", f"{Path(tgt.path).name}"
-    if pairs.dropped_source or pairs.dropped_target:
-        logger.warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
-                       pairs.dropped_source, pairs.dropped_target)
     proj = params.projector
     for side, want, store in (("d_in", proj.d_in, src), ("d_out", proj.d_out, tgt)):
         if want is not None and want != store.dim:
             raise StoreError(f"projector {side}={want} disagrees with store {store.path} (dim {store.dim})")
     pcfg = ProjectorConfig(**(proj.model_dump() | {"d_in": src.dim, "d_out": tgt.dim}))
-
-    nbytes = len(pairs) * (src.dim + tgt.dim) * 4
-    in_memory = nbytes <= params.in_memory_max_gb * 2**30
     ids = list(pairs.ids)
-    split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
+             else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
+    return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
+
+
+@flow(name="align", log_prints=True)
+def align(params: AlignParams) -> dict:
+    """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
+    tracking.tracking_uri(params.tracking_uri)
+    src, tgt, pairs, pcfg, ids, split, task = check_inputs(params)
+    if pairs.dropped_source or pairs.dropped_target:
+        get_run_logger().warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
+                                 pairs.dropped_source, pairs.dropped_target)
+    data = _datasets(params, pairs, ids, split, Path(src.path).name, Path(tgt.path).name)
+    key = params.run_key(src, tgt)
+    run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
+    fresh = not run_dir.exists()  # an existing folder holds a killed run's checkpoint: resume, never delete it
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out = _run(params, src, tgt, pcfg, data, split, ids, task, run_dir)
+    except Exception:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed run leaves no half-made folder
+        raise
+    _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
+    return out
+
+
+def _task_inputs(params: AlignParams, src: EmbeddingStore, tgt: EmbeddingStore, ids: list, split: dict) -> dict:
+    """Labels, class prompts, transfer column and target content ids for the splits, each checked here."""
+    test_ids = [ids[i] for i in split["test"]]
+    out: dict = {"groups": content_ids(tgt, test_ids)}
+    manifests = stage1_manifests(params.label_manifest, src, tgt)
+    if params.label_column:
+        labels = read_column(manifests, ids, params.label_column, "class labels, one per id")
+        out["labels"] = labels[split["test"]]
+        if params.class_store:
+            class_emb, index = class_embeddings(params.class_store, params.label_column, out["labels"])
+            if class_emb.shape[1] != tgt.dim:
+                raise StoreError(f"class store {params.class_store} has dim {class_emb.shape[1]}, target store {tgt.path} has {tgt.dim}")
+            out["class_emb"], out["class_index"] = class_emb, index
+    elif params.class_store:
+        raise ManifestError("class_store is set but label_column is not: zero-shot needs the labels' column name")
+    column = params.transfer_column or params.label_column
+    if column:
+        values = read_column(manifests, ids, column, "a class or a number per id, for the transfer head")
+        out["transfer"] = (column, values[split["train"]], values[split["test"]])
+    return out
+
+
+def _datasets(params: AlignParams, pairs, ids: list, split: dict, sname: str, tname: str) -> dict:
+    """train/val/test pair sets (in memory below the budget, else streamed) and the arrays the baselines fit on."""
+    nbytes = len(pairs) * (pairs.source.dim + pairs.target.dim) * 4
+    in_memory = nbytes <= params.in_memory_max_gb * 2**30
     if in_memory:
         x, y = pairs.arrays()  # (N, D_src), (N, D_tgt)
-        data = InMemoryPairs(x, y, ids, sname, tname)
-        train_set, val_set, test_set = (data.subset(split[s]) for s in ("train", "val", "test"))
+        whole = InMemoryPairs(x, y, ids, sname, tname)
+        train_set, val_set, test_set = (whole.subset(split[s]) for s in ("train", "val", "test"))
+        fit, val = (train_set.x.numpy(), train_set.y.numpy()), (val_set.x.numpy(), val_set.y.numpy())
     else:  # stream train/val in chunks; the test split is held in memory for ranking metrics
         train_set = ChunkedPairs(pairs, 65536, split["train"], ids, sname, tname)
         val_set = ChunkedPairs(pairs, 65536, split["val"], ids, sname, tname)
         test_set = InMemoryPairs(*pairs.take(split["test"]), [ids[i] for i in split["test"]], sname, tname)
-    key = params.run_key(src, tgt)
-    run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+        fit, val = pairs.take(split["train"][:200_000]), pairs.take(split["val"][:50_000])  # baselines on a sample
+    return {"train": train_set, "val": val_set, "test": test_set, "fit": fit, "val_arrays": val, "in_memory": in_memory}
+
+
+def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, ids: list, task: dict,
+         run_dir: Path) -> dict:
+    """The MLflow run: baselines, projector, evaluation, artifacts."""
     save_split(ids, split, run_dir / "split.csv")
-
-    labels = class_emb = None
-    if params.label_column and params.class_store:
-        labels = _labels(src, [ids[i] for i in split["test"]], params.label_column)
-        class_emb = _class_embeddings(params.class_store, params.label_column)
-        if class_emb.shape[1] != tgt.dim:
-            raise StoreError(f"class store {params.class_store} has dim {class_emb.shape[1]}, target store {tgt.path} has {tgt.dim}")
-
     dataset = src.attrs.get("dataset", "data")
-    exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
+    run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
+    with mlflow.start_run(experiment_id=tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}"),
+                          run_name=run_name, tags=_tags(params, src, tgt, dataset)) as run:
+        _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
+        baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"])
+        mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
+
+        def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
+
+        fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
+                            ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+        model, result = fit.model, fit.train
+        save_projector(model, run_dir / "projector")
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                            "kept_ridge_start": float(fit.kept_start)})
+        x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
+        preds = {"projector": predict(model, x_test, device=params.train.device)}
+        preds |= {name: b.predict(x_test) for name, b in baselines.items()}
+        table, spaces = _evaluate(preds, x_test, y_test, data, task)
+        _log_artifacts(table, spaces, params, result, preds, y_test, task, run_dir, run_name)
+        example = x_test[:4].astype(np.float32)
+        with torch.no_grad():
+            out_example = model(torch.from_numpy(example)).numpy()
+        mlflow.pytorch.log_model(model, name="projector", signature=mlflow.models.infer_signature(example, out_example),
+                                 input_example=example, serialization_format="pickle")
+    origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
+    md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.info.run_id}` · encoders: {origins} · "
+          f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n\n{reporting.spaces_markdown(spaces)}\n")
+    create_markdown_artifact(md, key=_key("align", dataset, str(src.attrs.get("modality")), str(tgt.attrs.get("modality"))))
+    tracking.link_artifact(run.info.run_id, _key("align-mlflow", dataset))
+    print(f"{run_name} [{origins}] -> MLflow run {run.info.run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}"
+          f"\nspaces (collapse diagnostic):\n{spaces.drop(columns='warning').to_string(float_format=lambda v: f'{v:.4f}')}"
+          + "".join(f"\nWARNING: {w}" for w in spaces["warning"] if w))
+    return {"run_id": run.info.run_id, "projector_dir": str(run_dir / "projector"), "run_dir": str(run_dir),
+            "metrics": {k: dict(v) for k, v in table.to_dict(orient="index").items()},
+            "spaces": {k: dict(v) for k, v in spaces.to_dict(orient="index").items()},
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "kept_ridge_start": fit.kept_start,
+            "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
+
+
+def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
     tags = {"xmodal.stage": "align", "xmodal.dataset": dataset,
             "source_weights_origin": src.attrs.get("weights_origin", ""),
             "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
-    run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
-        run_id = run.info.run_id
-        mlflow.log_params(_flat({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
-                                 "train": params.train.model_dump(), "split": params.split.model_dump(),
-                                 "baselines": params.baselines.model_dump()}))
-        mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": len(pairs),
-                           "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
-                           "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
-                           "in_memory": in_memory, "run_dir": str(run_dir)})
-        for store, ctx in ((src, "source"), (tgt, "target")):
-            ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=str(store.path),
-                                        name=Path(store.path).stem[:60], digest=store.digest)
-            mlflow.log_input(ds, context=ctx)
+    return tags
 
-        # closed-form baselines on the same split (on a 200k-pair sample when streaming)
-        x_fit, y_fit = ((train_set.x.numpy(), train_set.y.numpy()) if in_memory
-                        else pairs.take(split["train"][:200_000]))
-        baselines = fit_baselines_task(x_fit, y_fit, params.baselines)
 
-        def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
-            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
+def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:
+    mlflow.log_params(_flat({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
+                             "train": params.train.model_dump(), "split": params.split.model_dump(),
+                             "baselines": params.baselines.model_dump()}))
+    mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": sum(map(len, split.values())),
+                       "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
+                       "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
+                       "in_memory": data["in_memory"], "run_dir": str(run_dir),
+                       "label_column": params.label_column, "label_manifest": params.label_manifest})
+    for store, ctx in ((src, "source"), (tgt, "target")):
+        ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=str(store.path),
+                                    name=Path(store.path).stem[:60], digest=store.digest)
+        mlflow.log_input(ds, context=ctx)
 
-        model = make_projector(pcfg, seed=params.train.seed)
-        model.fit_stats(x_fit, y_fit)
-        loss_fn = build_loss(params.loss)
-        result = train_projector(model, loss_fn, train_set, val_set, params.train,
-                                 checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
-        model.eval()
-        save_projector(model, run_dir / "projector")
-        _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
 
-        # evaluation on the held-out split, projector and baselines alike
-        x_test, y_test = test_set.x.numpy(), test_set.y.numpy()
-        preds = {"projector": predict(model, x_test, device=params.train.device)}
-        preds |= {name: b.predict(x_test) for name, b in baselines.items()}
-        rows = {name: alignment_metrics(p, y_test, labels, class_emb) for name, p in preds.items()}
-        table = reporting.metrics_table(rows)
-        for name, metrics in rows.items():
-            mlflow.log_metrics({f"test_{k}" if name == "projector" else f"{name}_test_{k}": v
-                                for k, v in metrics.items()})
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
+def _evaluate(preds: dict, x_test: np.ndarray, y_test: np.ndarray, data: dict, task: dict):
+    """(metrics table: method -> test metrics, spaces table: collapse diagnostic per space), both logged."""
+    labels, class_emb = task.get("labels"), task.get("class_emb")
+    rows = {name: alignment_metrics(p, y_test, labels, None, groups=task["groups"]) for name, p in preds.items()}
+    if class_emb is not None:
+        for name, p in preds.items():
+            rows[name]["zeroshot_acc"] = zero_shot(p, task["class_index"], class_emb)[0]
+    if "transfer" in task:
+        column, train_values, test_values = task["transfer"]
+        scores = transfer_scores(data["fit"][1], train_values, y_test, test_values, preds)
+        for name in preds:
+            rows[name]["transfer"] = scores[f"transfer_{name}"]
+        rows["true target"] = {"transfer": scores["transfer_true"]}
+        mlflow.log_metrics({k: v for k, v in scores.items() if k != "transfer_task"}
+                           | {"transfer_is_classification": scores["transfer_task"]})
+        mlflow.log_param("transfer_column", column)
+    table = reporting.metrics_table(rows)
+    for name, metrics in rows.items():
+        if name != "true target":
+            mlflow.log_metrics({f"test_{k}" if name == "projector" else f"{name}_test_{k}": v for k, v in metrics.items()})
+    spaces = {"source": collapse_stats(x_test), "target": collapse_stats(y_test), "projected": collapse_stats(preds["projector"])}
+    logger = get_run_logger()
+    for name, stats in spaces.items():
+        mlflow.log_metrics({f"{name}_{k}": v for k, v in stats.items()})
+        warning = collapse_warning(f"the {name} space", stats)
+        stats["warning"] = warning or ""
+        if warning:
+            logger.warning(warning)
+    return table, pd.DataFrame.from_dict(spaces, orient="index").rename_axis("space")
 
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            table.to_csv(d / "metrics.csv")
-            (d / "config.json").write_text(params.model_dump_json(indent=2))
-            reporting.loss_curve(result.history, d / "loss_curve.png", run_name)
-            n = min(64, len(x_test))
-            reporting.heatmap(similarity_matrix(preds["projector"][:n], y_test[:n]), d / "similarity.png",
-                              f"cosine(projected source, target), first {n} test pairs", "target", "projected source")
-            if labels is not None:
-                _, confusion = zero_shot(preds["projector"], labels, class_emb)
-                reporting.heatmap(confusion, d / "zeroshot_confusion.png", "zero-shot confusion (projector)",
-                                  "predicted class", "true class")
-            for f in d.iterdir():
-                mlflow.log_artifact(str(f))
-        mlflow.log_artifact(str(run_dir / "split.csv"))
-        example = x_test[:4].astype(np.float32)
-        with torch.no_grad():
-            out_example = model(torch.from_numpy(example)).numpy()
-        signature = mlflow.models.infer_signature(example, out_example)
-        mlflow.pytorch.log_model(model, name="projector", signature=signature, input_example=example,
-                                 serialization_format="pickle")
-    origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
-    md = (f"### Stage 1: {run_name}\n\nMLflow run `{run_id}` · encoders: {origins} · "
-          f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n")
-    create_markdown_artifact(md, key=_key("align", dataset, str(src.attrs.get("modality")), str(tgt.attrs.get("modality"))))
-    tracking.link_artifact(run_id, _key("align-mlflow", dataset))
-    print(f"{run_name} [{origins}] -> MLflow run {run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
-    return {"run_id": run_id, "projector_dir": str(run_dir / "projector"), "run_dir": str(run_dir),
-            "metrics": {k: dict(v) for k, v in table.to_dict(orient="index").items()},
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
+
+def _log_artifacts(table, spaces, params: AlignParams, result, preds: dict, y_test, task: dict, run_dir: Path,
+                   run_name: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        table.to_csv(d / "metrics.csv")
+        spaces.to_csv(d / "spaces.csv")
+        (d / "config.json").write_text(params.model_dump_json(indent=2))
+        reporting.loss_curve(result.history, d / "loss_curve.png", run_name)
+        n = min(64, len(y_test))
+        reporting.heatmap(similarity_matrix(preds["projector"][:n], y_test[:n]), d / "similarity.png",
+                          f"cosine(projected source, target), first {n} test pairs", "target", "projected source")
+        if task.get("class_emb") is not None:
+            _, confusion = zero_shot(preds["projector"], task["class_index"], task["class_emb"])
+            reporting.heatmap(confusion, d / "zeroshot_confusion.png", "zero-shot confusion (projector)",
+                              "predicted class", "true class")
+        for f in d.iterdir():
+            mlflow.log_artifact(str(f))
+    mlflow.log_artifact(str(run_dir / "split.csv"))
 
 
 def _publish_latest(run_dir: Path, latest: Path) -> None:
-    """A stable path to the newest projector of a (dataset, source, target): what stage 2 defaults to."""
-    import os
-    import shutil
+    """A stable path to the newest projector of a (dataset, source, target): what stage 2 defaults to.
 
+    Called only once a run has succeeded, so a failed run never replaces it."""
     tmp = latest.with_name(latest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run_dir / "projector", tmp / "projector")
@@ -250,3 +313,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
     return out
+
+
+expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's

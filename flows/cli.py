@@ -65,26 +65,90 @@ def compare(
     typer.echo(f"plot: {comparison_plot(table, plot)}")
 
 
+def parse_loss(text: str) -> dict[str, float]:
+    """'mse' -> {'mse': 1.0}; 'mse=1,infonce=0.1' -> {'mse': 1.0, 'infonce': 0.1}."""
+    terms: dict[str, float] = {}
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        name, _, weight = part.partition("=")
+        try:
+            terms[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise typer.BadParameter(f"loss term {part!r}: the weight after '=' must be a number, e.g. 'mse=1,infonce=0.1'") from None
+    if not terms:
+        raise typer.BadParameter("no loss terms given, e.g. 'mse' or 'mse=1,infonce=0.1'")
+    return terms
+
+
+def apply_sets(config: dict, items: list[str]) -> dict:
+    """Apply 'a.b.c=value' overrides to a nested dict; values are JSON when they parse (numbers, lists, null), else text."""
+    import json
+
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise typer.BadParameter(f"--set {item!r}: {part!r} is not a section")
+        node[leaf] = value
+    return config
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+
+
 @app.command()
 def align(
     source: str = typer.Argument(..., help="Source-modality store (.h5)."),
     target: str = typer.Argument(..., help="Target-modality store (.h5)."),
-    kind: str = typer.Option("mlp", help="linear | mlp"),
-    hidden: int = typer.Option(1024, help="MLP hidden width."),
-    depth: int = typer.Option(1, help="MLP hidden layers."),
-    epochs: int = typer.Option(20, help="Maximum epochs."),
+    kind: Optional[str] = typer.Option(None, help="Projector: linear | mlp (default mlp)."),
+    hidden: Optional[int] = typer.Option(None, help="MLP hidden width (default 1024)."),
+    depth: Optional[int] = typer.Option(None, help="MLP hidden layers (default 1)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: set by --steps)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer-step budget when --epochs is not given."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs per step."),
+    split_seed: Optional[int] = typer.Option(None, help="Salt of the id-hash split."),
+    ridge_alphas: Optional[str] = typer.Option(None, help="Ridge alphas to choose from on validation, e.g. '0.1,1,10'."),
     loss: str = typer.Option("mse", help="Loss terms, e.g. 'mse' or 'mse=1,infonce=0.1'."),
-    label_column: Optional[str] = typer.Option(None, help="Labels (for zero-shot) in the source manifest."),
-    class_store: Optional[str] = typer.Option(None, help="Class-prompt store in the target space."),
+    label_column: Optional[str] = typer.Option(None, help="Class labels (ints or strings): class-level R@1, transfer, zero-shot."),
+    label_manifest: Optional[str] = typer.Option(None, help="Manifest holding --label-column (default: the stores' own)."),
+    class_store: Optional[str] = typer.Option(None, help="Class-prompt store in the target space (zero-shot)."),
+    transfer_column: Optional[str] = typer.Option(None, help="Column for the transfer figure (default: --label-column)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any AlignParams field, e.g. train.weight_decay=0 (repeatable)."),
     out_dir: str = typer.Option("runs/align", help="Where projectors go."),
 ):
     """Stage 1: train a projector source -> target, report it beside ridge and Procrustes."""
-    from flows.align import AlignParams, align as align_flow
+    from pydantic import ValidationError
 
-    terms = {t.split("=")[0]: float(t.split("=")[1]) if "=" in t else 1.0 for t in loss.split(",")}
-    align_flow(AlignParams(source=source, target=target, projector={"kind": kind, "hidden": hidden, "depth": depth},
-                           loss={"terms": terms}, train={"epochs": epochs}, label_column=label_column,
-                           class_store=class_store, out_dir=out_dir))
+    from encoders.store import StoreError
+    from flows.align import AlignParams, align as align_flow, check_inputs
+
+    options = {"projector": {"kind": kind, "hidden": hidden, "depth": depth},
+               "train": {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size},
+               "split": {"seed": split_seed}, "baselines": {"ridge_alphas": _floats(ridge_alphas)}}
+    config = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in options.items()}
+    config |= {"source": source, "target": target, "loss": {"terms": parse_loss(loss)}, "label_column": label_column,
+               "label_manifest": label_manifest, "class_store": class_store, "transfer_column": transfer_column,
+               "out_dir": out_dir}
+    try:
+        params = AlignParams.model_validate(apply_sets(config, set_ or []))
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    try:
+        check_inputs(params)  # outside the flow, so bad input is one line, not a flow-run traceback
+    except (ValueError, StoreError) as exc:  # ManifestError, StoreError: bad input, said in one line
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    align_flow(params)
 
 
 @app.command()

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -196,3 +197,6 @@ def finetune(params: FinetuneParams) -> dict:
     return {"run_id": run_id, "task": cfg.task, "metric": metric, "before": test_before, "after": test_after,
             "alignment": forgetting, "model_dir": str(out_model), "resumed_from_epoch": after.resumed_from_epoch,
             "weights_origin": encoder_before.origin}
+
+
+expose_flow(__name__, "finetune")  # `from flows import finetune` calls the flow; `flows.finetune.X` is the module's

@@ -1,7 +1,7 @@
 """Flow: the whole pipeline, extract -> align -> (fine-tune) -> evaluate, under one MLflow parent run.
 
 One typed config, so the Prefect UI shows one form; its defaults run on the bundled sample data
-(digits: image -> caption space, zero-shot over class prompts, digit classification in stage 2).
+(Fashion-MNIST: image -> caption space, zero-shot over class prompts, classification in stage 2).
 Each stage is its own flow and its own nested MLflow run, logging exactly as it does alone.
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
@@ -26,14 +27,16 @@ from projection.finetune_config import FinetuneConfig
 
 SAMPLE = Path("data/generated")
 TINY_RN = "data/models/xmodal-tiny-rn.json"
+# Pretrained EfficientNet-Lite0 (ImageNet-1k; the packaged copy offline). 28x28 Fashion-MNIST at 64 px:
+# a logistic probe on 600 images reads 0.72 (0.81 at 96 px, at 2.2x the compute; 224 px: ~10x).
+LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"
 
 
 class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Stage-1 objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, batch_size=64, patience=10),
-                               description="Stage-1 optimiser and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage-1 optimiser and schedule (the defaults: a step budget).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split by id (shared by stage 2).")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
 
@@ -51,14 +54,13 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    manifest: str = Field(str(SAMPLE / "digits" / "manifest.csv"), description="Paired dataset manifest (built if it is the sample).")
+    manifest: str = Field(str(SAMPLE / "fashion" / "manifest.csv"), description="Paired dataset manifest (built if it is the sample).")
     source_column: str = Field("image", description="Source modality column (mapped from).")
     target_column: str = Field("caption", description="Target modality column (mapped into).")
-    source_encoder: str = Field(f"open_clip:image:{TINY_RN}?batch_size=128",
-                                description="Frozen source encoder spec (default: tiny ResNet, RANDOM init).")
+    source_encoder: str = Field(LITE0, description="Frozen source encoder spec (default: EfficientNet-Lite0, pretrained).")
     target_encoder: str = Field("hf:text:sentence-transformers/all-MiniLM-L6-v2?pooling=mean&batch_size=128",
                                 description="Frozen target encoder spec (default: pretrained all-MiniLM-L6-v2, packaged offline).")
-    class_manifest: str | None = Field(str(SAMPLE / "digits" / "classes.csv"),
+    class_manifest: str | None = Field(str(SAMPLE / "fashion" / "classes.csv"),
                                        description="One prompt per class (embedded by the target encoder) for zero-shot.")
     class_column: str = Field("caption", description="Prompt column of class_manifest.")
     label_column: str | None = Field("label", description="Integer class labels in both manifests (zero-shot).")
@@ -162,3 +164,6 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
     create_markdown_artifact("".join(md), key=_key("pipeline-summary"))
     tracking.link_artifact(parent_run_id, _key("pipeline-mlflow"))
     return headline | {"evaluate_run_id": rid}
+
+
+expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 TABLE_COLUMNS = ["mse", "cosine", "p2t_r1", "p2t_r5", "p2t_r10", "p2t_mrr", "p2t_median_rank",
-                 "t2p_r1", "t2p_mrr", "zeroshot_acc"]
+                 "t2p_r1", "t2p_mrr", "p2t_class_r1", "t2p_class_r1", "zeroshot_acc", "transfer"]
 
 
 def loss_curve(history: list[dict], path: Path, title: str) -> Path:
@@ -61,5 +61,13 @@ def markdown_table(frame: pd.DataFrame, digits: int = 4) -> str:
     cols = [c for c in TABLE_COLUMNS if c in frame.columns]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, row in frame[cols].iterrows():
-        lines.append(f"| {method} | " + " | ".join(f"{row[c]:.{digits}g}" for c in cols) + " |")
+        lines.append(f"| {method} | " + " | ".join("" if pd.isna(row[c]) else f"{row[c]:.{digits}g}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def spaces_markdown(frame: pd.DataFrame) -> str:
+    """The collapse diagnostic per space (source, target, projected) as a markdown table, warnings included."""
+    lines = ["| space | mean off-diagonal cosine | effective rank | warning |", "|---|---|---|---|"]
+    for space, row in frame.iterrows():
+        lines.append(f"| {space} | {row['mean_offdiag_cosine']:.5f} | {row['effective_rank']:.2f} | {row['warning']} |")
     return "\n".join(lines)

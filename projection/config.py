@@ -7,6 +7,7 @@ description because Prefect shows it in the run form.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,6 +34,22 @@ class ProjectorConfig(_Strict):
         True,
         description="z-score inputs with train-split mean/std stored in the projector. Frozen encoders, random-init "
         "ones especially, often give nearly collapsed features whose variation an optimiser cannot see unscaled.",
+    )
+    linear_path: bool = Field(
+        True,
+        description="mlp: y = A x + b + f(x), an affine path beside the hidden layers (f's last layer starts at zero), so "
+        "the MLP can only add to what a linear map explains. Ignored when residual=True (the identity is the path).",
+    )
+    train_linear_path: bool = Field(
+        False,
+        description="Also train the affine path once it starts at ridge. Off by default: the path stays at the ridge solution and the MLP learns "
+        "only the residual. Adam takes lr-sized steps even on the near-zero gradients of a path that already sits at "
+        "the least-squares optimum, so a trained path first drifts away from ridge (see benchmarks/defaults.py).",
+    )
+    init: Literal["ridge", "random"] = Field(
+        "ridge",
+        description="'ridge': start the affine path (or the linear map) at the validation-tuned ridge solution, so "
+        "training starts where ridge ends; 'random': PyTorch's default init.",
     )
     residual: bool = Field(
         False,
@@ -72,7 +89,11 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1, description="Maximum number of passes over the training split.")
+    epochs: int | None = Field(
+        None, ge=1, description="Passes over the training split; None: as many as make `steps` optimizer steps.")
+    steps: int = Field(
+        600, ge=1, description="Optimizer-step budget when epochs is None: small and large sets get the same number of "
+        "updates (a fixed 20 epochs at batch 256 were 60 steps on 640 pairs, the val loss still falling).")
     batch_size: int = Field(256, ge=1, description="Pairs per optimisation step (also the contrastive-loss batch).")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW (reached after warmup).")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay; applied to matrices only, not biases/norms/logit scales.")
@@ -81,6 +102,9 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine decay ends at lr * min_lr_ratio.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max global grad norm; None disables clipping.")
     patience: int | None = Field(5, ge=1, description="Stop after this many epochs without val-loss improvement; None disables early stopping.")
+    patience_frac: float = Field(
+        0.25, ge=0.0, le=1.0, description="With a step budget (epochs=None) patience is at least this fraction of the "
+        "epochs, so a tiny set (a few steps an epoch) is not stopped by val noise within a few dozen steps.")
     min_delta: float = Field(0.0, ge=0.0, description="Val-loss decrease that counts as an improvement.")
     fused_adamw: bool = Field(
         True, description="Use the fused AdamW kernel (CPU and CUDA): same maths, several x faster step than the default per-tensor loop."
@@ -94,6 +118,11 @@ class SplitConfig(_Strict):
     val_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of ids in the validation split.")
     test_frac: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of ids in the test split.")
     seed: int = Field(0, description="Salt for the id hash that orders the split.")
+    file: str | None = Field(
+        None,
+        description="An id,split CSV to use instead of the hash split (fractions and seed are then ignored), "
+        "e.g. data/generated/stereo/split.csv, whose spatial blocks keep overlapping patches out of the test split.",
+    )
 
     @model_validator(mode="after")
     def _check_fracs(self) -> "SplitConfig":
@@ -104,6 +133,19 @@ class SplitConfig(_Strict):
 
 class BaselineConfig(_Strict):
     standardize: bool = Field(True, description="z-score inputs for ridge (as the projector does), so alpha means the same for any encoder scale.")
-    ridge_alpha: float = Field(1.0, ge=0.0, description="L2 strength of the ridge least-squares map.")
+    ridge_alphas: list[float] = Field(
+        default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5], min_length=1,
+        description="Ridge L2 strengths to try; the one with the lowest validation MSE is kept (RidgeCV's leave-one-out "
+        "without a validation split). One value fixes alpha.")
     fit_intercept: bool = Field(True, description="Fit a bias for the ridge map.")
     procrustes_scale: bool = Field(True, description="Also fit one global scale factor s for Procrustes (y ~ s * x R).")
+
+
+def resolve_epochs(cfg: TrainConfig, n_train: int) -> TrainConfig:
+    """cfg with epochs set: cfg.epochs when given, else ceil(steps / steps per epoch), patience scaled to match."""
+    if cfg.epochs is not None:
+        return cfg
+    per_epoch = -(-n_train // cfg.batch_size)
+    epochs = max(1, -(-cfg.steps // per_epoch))
+    patience = None if cfg.patience is None else max(cfg.patience, math.ceil(cfg.patience_frac * epochs))
+    return cfg.model_copy(update={"epochs": epochs, "patience": patience})

@@ -159,6 +159,9 @@ def _getattr_path(root: Any, name: str) -> Any:
 def encoder_layout(encoder: FrozenEncoder) -> EncoderLayout:
     """Blocks, post-block extras and tower of an encoder, by name; ValueError if unknown."""
     m, spec = encoder.module, encoder.spec
+    own = encoder.layout()  # timm: the backend names its own blocks (encoders/timm_backend.py)
+    if own is not None:
+        return EncoderLayout(**own)
     if spec.backend == "hf":
         blocks, post, exclude = _hf_layout(m, "", spec.pooling, spec)
         return EncoderLayout(blocks, post, [""], exclude)

@@ -22,8 +22,13 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "s
 
 
 class Projector(nn.Module):
-    """Linear map or MLP; optional residual path for same-dim spaces.
+    """Linear map, or MLP beside an affine path (or, for same-dim spaces, the identity: residual).
 
+    The affine path exists so that training can START at the closed-form solution
+    (`start_at(A, c)`, the val-tuned ridge) with the MLP branch at zero: the MLP then only
+    learns what a linear map cannot explain, and a small or noisy set cannot drag it far
+    below ridge. Measured on digits image -> caption (640 train pairs): a plain MLP at the
+    old defaults read R@1 0.35 vs ridge 0.65; see benchmarks/defaults.py for every set.
     For kind='linear', the mlp-only fields (depth, hidden, activation, dropout, layernorm)
     are ignored so a sweep can switch `kind` without touching the rest.
     """
@@ -46,6 +51,7 @@ class Projector(nn.Module):
                 width = cfg.hidden
             layers.append(nn.Linear(width, cfg.d_out))
             self.net = nn.Sequential(*layers)
+        self.skip = nn.Linear(cfg.d_in, cfg.d_out) if cfg.kind == "mlp" and cfg.linear_path and not cfg.residual else None
         # Input standardisation as buffers: saved with the weights, never trained, identity until fitted.
         self.register_buffer("in_mean", torch.zeros(cfg.d_in))
         self.register_buffer("in_std", torch.ones(cfg.d_in))
@@ -75,12 +81,39 @@ class Projector(nn.Module):
             self.out_mean.copy_(y.mean(0))
             self.out_std.copy_(y.std(0).clamp_min(1e-6))
 
+    @torch.no_grad()
+    def start_at(self, a, c) -> None:
+        """Make the affine path compute x @ a + c (raw spaces; a (D_src, D_tgt), c (D_tgt,)), zero the MLP branch,
+        and freeze the path unless cfg.train_linear_path.
+
+        Call after `fit_stats`: the map is rewritten in the standardised coordinates the net sees,
+        z = (x - in_mean) / in_std and y = h * out_std + out_mean.
+        """
+        if self.cfg.residual:
+            raise ValueError("start_at needs an affine path; a residual projector starts at the identity")
+        a = torch.as_tensor(a, dtype=torch.float64)
+        c = torch.as_tensor(c, dtype=torch.float64)
+        in_mean, in_std = self.in_mean.double(), self.in_std.double()
+        out_mean, out_std = self.out_mean.double(), self.out_std.double()
+        weight = (in_std[:, None] * a / out_std[None, :]).T  # (D_tgt, D_src)
+        bias = (in_mean @ a + c - out_mean) / out_std  # (D_tgt,)
+        path = self.skip if self.skip is not None else self.net
+        path.weight.copy_(weight)
+        path.bias.copy_(bias)
+        if self.skip is not None:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+            # held at the closed-form map unless asked otherwise: the MLP branch learns the residual
+            self.skip.requires_grad_(self.cfg.train_linear_path)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cfg.standardize:
-            y = self.net(x)  # (N, D_src) -> (N, D_tgt)
-            return x + y if self.cfg.residual else y
-        y = self.net((x - self.in_mean) / self.in_std)  # (N, D_src) -> (N, D_tgt)
-        return x + y if self.cfg.residual else y * self.out_std + self.out_mean
+        z = (x - self.in_mean) / self.in_std if self.cfg.standardize else x
+        y = self.net(z)  # (N, D_src) -> (N, D_tgt)
+        if self.skip is not None:
+            y = y + self.skip(z)
+        if self.cfg.residual:
+            return x + y
+        return y * self.out_std + self.out_mean if self.cfg.standardize else y
 
 
 def make_projector(cfg: ProjectorConfig, seed: int) -> Projector:

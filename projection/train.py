@@ -24,7 +24,7 @@ from torch import nn
 
 from projection.checkpoint import commit_epoch, resume
 from projection.steps import loss_param_metrics, optimizer_step
-from projection.config import TrainConfig
+from projection.config import TrainConfig, resolve_epochs
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Callback = Callable[[str, int, dict[str, float]], None]
@@ -108,6 +108,7 @@ def train_projector(
     Resumes from `checkpoint_dir/checkpoint.pt` when present. The caller's global torch
     RNG is left untouched (the loop runs under a forked RNG seeded with cfg.seed).
     """
+    cfg = resolve_epochs(cfg, len(train_pairs))  # a step budget becomes epochs here
     device = torch.device(cfg.device)
     if hasattr(model, "cfg"):
         train_pairs.check_dims(model.cfg.d_in, model.cfg.d_out)

@@ -46,7 +46,7 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> dict[str, Path]:
-    """The project's own sample data (digits + scenes), built once into a temp folder."""
+    """The project's own sample data (digits, scenes, stereo, a small Fashion-MNIST), built once into a temp folder."""
     from data.build import build_all
 
-    return build_all(tmp_path_factory.mktemp("sample"), n_scenes=60)
+    return build_all(tmp_path_factory.mktemp("sample"), n_scenes=60, fashion_size=200)

@@ -21,12 +21,13 @@ from data.build import (
 )
 
 N_SCENES = 40
+FASHION = 50  # balanced Fashion-MNIST rows: small, the real builder has its own tests
 SEED = 0
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
-    return build_all(tmp_path_factory.mktemp("build_a"), n_scenes=N_SCENES, seed=SEED)
+    return build_all(tmp_path_factory.mktemp("build_a"), n_scenes=N_SCENES, seed=SEED, fashion_size=FASHION)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def _sample(df: pd.DataFrame, k: int = 25) -> pd.DataFrame:
 
 
 def test_returns_manifest_paths(built):
-    assert set(built) == {"digits", "digit_classes", "scenes"}
+    assert set(built) == {"digits", "digit_classes", "scenes", "stereo", "fashion", "fashion_classes"}
     for p in built.values():
         assert p.is_file()
     stamp = json.loads((built["digits"].parents[1] / "build.json").read_text())
@@ -111,7 +112,7 @@ def test_scene_manifest(built, scenes):
 
 
 def test_deterministic_bytes(built, digits, scenes, tmp_path):
-    other = build_all(tmp_path / "b", n_scenes=N_SCENES, seed=SEED)
+    other = build_all(tmp_path / "b", n_scenes=N_SCENES, seed=SEED, fashion_size=FASHION)
     for key in built:
         assert built[key].read_bytes() == other[key].read_bytes(), key
     for manifest_key, df, cols in (("digits", digits, ("image", "sketch")), ("scenes", scenes, ("rgb", "depth"))):
@@ -129,21 +130,21 @@ def test_scene_render_is_reproducible_and_seeded():
 
 def test_skip_and_rebuild(tmp_path):
     out = tmp_path / "c"
-    paths = build_all(out, n_scenes=5, seed=1)
+    paths = build_all(out, n_scenes=5, seed=1, fashion_size=FASHION)
     stamp = out / "build.json"
     mtime = stamp.stat().st_mtime_ns
     marker = out / "scenes" / "rgb" / "scene-0000.png"
     marker_mtime = marker.stat().st_mtime_ns
-    assert build_all(out, n_scenes=5, seed=1) == paths
+    assert build_all(out, n_scenes=5, seed=1, fashion_size=FASHION) == paths
     assert stamp.stat().st_mtime_ns == mtime and marker.stat().st_mtime_ns == marker_mtime  # skipped
-    build_all(out, n_scenes=3, seed=1)  # different params -> rebuild, stale files removed
+    build_all(out, n_scenes=3, seed=1, fashion_size=FASHION)  # different params -> rebuild, stale files removed
     assert len(pd.read_csv(paths["scenes"])) == 3
     assert len(list((out / "scenes" / "rgb").glob("*.png"))) == 3
     assert json.loads(stamp.read_text())["params"]["n_scenes"] == 3
     # a tampered manifest no longer matches the digest -> rebuild restores it
     good = paths["digits"].read_bytes()
     paths["digits"].write_text("id\n")
-    build_all(out, n_scenes=3, seed=1)
+    build_all(out, n_scenes=3, seed=1, fashion_size=FASHION)
     assert paths["digits"].read_bytes() == good
 
 

@@ -15,14 +15,12 @@ from flows import AlignParams, align
 from projection.metrics import alignment_metrics
 from tests_support import make_store
 
-TRAIN = {"epochs": 60, "batch_size": 64, "patience": 10}
-
-
 @pytest.fixture(scope="module")
 def digits_run(digits_stores, tmp_path_factory):
+    """Default settings, as a new user runs it."""
     out = tmp_path_factory.mktemp("align")
     return align(AlignParams(source=digits_stores["image"], target=digits_stores["caption"], label_column="label",
-                             class_store=digits_stores["classes"], train=TRAIN, out_dir=str(out)))
+                             class_store=digits_stores["classes"], out_dir=str(out)))
 
 
 def test_digits_projector_is_reported_beside_baselines_and_not_worse_than_ridge(digits_run):
@@ -40,7 +38,7 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
     client = MlflowClient()
     run = client.get_run(digits_run["run_id"])
     p = run.data.params
-    assert p["projector.kind"] == "mlp" and p["train.epochs"] == str(TRAIN["epochs"]) and "loss.terms" in p
+    assert p["projector.kind"] == "mlp" and p["train.steps"] == "600" and "loss.terms" in p
     assert p["source_store"] == digits_stores["image"]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(history) == digits_run["epochs_run"] and sorted(h.step for h in history) == [h.step for h in history]
@@ -58,7 +56,8 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
     src, tgt = EmbeddingStore(digits_stores["image"]), EmbeddingStore(digits_stores["caption"])
     with torch.no_grad():
         pred = model(torch.from_numpy(src.get(test_ids))).numpy()
-    again = alignment_metrics(pred, tgt.get(test_ids))
+    captions = pd.read_csv(tgt.attrs["manifest_path"], dtype={"id": str}).set_index("id").loc[test_ids, "caption"]
+    again = alignment_metrics(pred, tgt.get(test_ids), groups=captions.tolist())  # the same caption is one target
     logged = run.data.metrics
     for k in ("mse", "cosine", "p2t_r1", "p2t_mrr", "t2p_r1"):
         assert again[k] == pytest.approx(logged[f"test_{k}"], rel=1e-4, abs=1e-6), k

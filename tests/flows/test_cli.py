@@ -34,3 +34,43 @@ def test_help_lists_every_command():
     out = CliRunner().invoke(app, ["--help"])
     for cmd in ("extract", "align", "finetune", "pipeline", "compare", "search", "contrastive", "demo", "build-data"):
         assert cmd in out.output
+
+
+def test_loss_and_set_parsers():
+    import pytest
+    import typer
+
+    from flows.cli import apply_sets, parse_loss
+
+    assert parse_loss("mse=1,infonce=0.1") == {"mse": 1.0, "infonce": 0.1}
+    assert parse_loss("mse") == {"mse": 1.0} and parse_loss("mse, cosine=0.5") == {"mse": 1.0, "cosine": 0.5}
+    with pytest.raises(typer.BadParameter, match="'infonce=x'"):
+        parse_loss("mse=1,infonce=x")
+    cfg = apply_sets({"train": {"lr": 1e-3}}, ["train.lr=3e-4", "projector.hidden=64", "baselines.ridge_alphas=[1, 10]",
+                                               "label_column=species"])
+    assert cfg == {"train": {"lr": 3e-4}, "projector": {"hidden": 64}, "baselines": {"ridge_alphas": [1, 10]},
+                   "label_column": "species"}
+    with pytest.raises(typer.BadParameter, match="key=value"):
+        apply_sets({}, ["train.lr"])
+
+
+def test_align_cli_passes_what_users_tune(prefect_server, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests_support import make_store
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{k}" for k in range(120)]
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    a, b = make_store(tmp_path / "a.h5", ids, x), make_store(tmp_path / "b.h5", ids, np.tanh(x[:, :4]))
+    res = CliRunner().invoke(app, ["align", a, b, "--steps", "30", "--lr", "0.003", "--batch-size", "16",
+                                   "--split-seed", "7", "--hidden", "32", "--depth", "2", "--ridge-alphas", "0.1,10",
+                                   "--loss", "mse=1,cosine=0.5", "--set", "train.weight_decay=0",
+                                   "--out-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("xmodal-align-synthetic").experiment_id])[0]
+    p = run.data.params
+    assert (p["train.steps"], p["train.lr"], p["train.batch_size"], p["split.seed"]) == ("30", "0.003", "16", "7")
+    assert (p["projector.hidden"], p["projector.depth"], p["train.weight_decay"]) == ("32", "2", "0.0")
+    assert p["baselines.ridge_alphas"] == "[0.1, 10.0]" and p["loss.terms"] == '{"mse": 1.0, "cosine": 0.5}'
+    assert run.data.metrics["ridge_alpha"] in (0.1, 10.0)

@@ -65,5 +65,27 @@ def test_fast_at_scale():
     x = rng.standard_normal(size=(20_000, 256), dtype=np.float32)
     y = rng.standard_normal(size=(20_000, 256), dtype=np.float32)
     t = time.perf_counter()
-    fit_baselines(x, y)
+    fit_baselines(x[:18_000], y[:18_000], x_val=x[18_000:], y_val=y[18_000:])  # as align calls it: alpha on val
     assert time.perf_counter() - t < 20  # well under a second on 2 idle cores; generous for shared CI (benchmarks/align.py times N=50k)
+
+
+def test_ridge_alpha_is_chosen_on_validation_and_beats_a_fixed_small_alpha():
+    # 120 noisy pairs in 60 dims: a small alpha fits the noise, validation must pick a larger one.
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(60, 8))
+    x = rng.normal(size=(400, 60)).astype(np.float32)
+    y = (x @ w + 8.0 * rng.normal(size=(400, 8))).astype(np.float32)
+    tr, va, te = slice(0, 120), slice(120, 200), slice(200, 400)
+    tuned = RidgeBaseline((1e-3, 1e-1, 10.0, 1e3), standardize=True).fit(x[tr], y[tr], x[va], y[va])
+    fixed = RidgeBaseline(1e-3, standardize=True).fit(x[tr], y[tr])
+    assert tuned.alpha > 1e-3 and tuned.alpha == min(tuned.val_mse, key=tuned.val_mse.get)
+    mse = {name: float(np.mean((b.predict(x[te]) - y[te]) ** 2)) for name, b in (("tuned", tuned), ("fixed", fixed))}
+    assert mse["tuned"] < mse["fixed"], mse
+    cv = RidgeBaseline((1e-3, 1e-1, 10.0, 1e3), standardize=True).fit(x[tr], y[tr])  # no val: RidgeCV's LOO
+    assert cv.alpha > 1e-3
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ref = make_pipeline(StandardScaler(), Ridge(alpha=tuned.alpha)).fit(x[tr], y[tr])  # the same estimator
+    np.testing.assert_allclose(tuned.predict(x[te]), ref.predict(x[te]), rtol=1e-3, atol=1e-3)
