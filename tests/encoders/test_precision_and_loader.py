@@ -107,3 +107,16 @@ def test_kill_9_during_multi_worker_extraction_then_rerun_gives_identical_store(
     a, b = EmbeddingStore(ref.store), EmbeddingStore(store)
     assert list(a.ids) == list(b.ids) and len(b) == 48
     np.testing.assert_array_equal(a.embeddings(), b.embeddings())
+
+
+def test_bf16_resnet_keeps_batchnorm_in_fp32_and_matches(tmp_path, write_images):
+    from tests_support import TINY_RN
+
+    m = _manifest(tmp_path, write_images, 12)
+    embs = {}
+    for dtype in ("fp32", "bf16"):
+        enc = load_encoder(f"open_clip:image:{TINY_RN}?batch_size=6&dtype={dtype}")
+        embs[dtype] = EmbeddingStore(extract(Manifest.read(m), "image", enc, tmp_path / f"{dtype}.h5").store).embeddings()
+    bns = [mod for mod in enc.module.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert bns and all(b.weight.dtype == b.running_var.dtype == torch.float32 for b in bns)
+    assert _min_cosine(embs["fp32"], embs["bf16"]) >= 0.999
