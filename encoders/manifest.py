@@ -28,22 +28,25 @@ class Manifest:
         path = Path(path)
         if not path.is_file():
             raise ManifestError(f"manifest {path} does not exist")
-        if path.suffix.lower() in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype={"id": str},
-                                keep_default_na=False, na_values=[])
-        else:
-            raise ManifestError(f"manifest {path}: unknown format {path.suffix!r} (use .csv or .parquet)")
+        try:
+            frame = _read_table(path)
+        except ManifestError:
+            raise
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, ValueError) as exc:
+            raise ManifestError(f"manifest {path} cannot be read as a table: {str(exc).splitlines()[0]}") from None
         if "id" not in frame.columns:
             raise ManifestError(f"manifest {path} has no 'id' column (columns: {', '.join(map(str, frame.columns))})")
-        frame["id"] = frame["id"].astype(str)
+        if frame.empty:
+            raise ManifestError(f"manifest {path} has no rows (only a header): nothing to embed; add rows or "
+                                "check that the right file was given")
+        # A null id (Parquet None/NaN) becomes "" and is reported per row as "empty id", like a CSV blank.
+        frame["id"] = [("" if _blank(v) else str(v)) for v in frame["id"]]
         return cls(path, frame.reset_index(drop=True))
 
     @property
     def name(self) -> str:
         """Dataset name: the manifest's folder (data/digits/manifest.csv -> 'digits')."""
-        return self.path.parent.name if self.path.stem == "manifest" else self.path.stem
+        return self.path.absolute().parent.name if self.path.stem == "manifest" else self.path.stem
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -75,15 +78,25 @@ class Manifest:
         errors: dict[int, str] = {}
         first: dict[str, int] = {}
         for row, (i, v) in enumerate(zip(self.frame["id"], self.require(column))):
+            if not i.strip():
+                errors[row] = f"empty id at manifest row {row}"
+                continue
             if i in first:
                 errors[row] = f"duplicate id (first at row {first[i]})"
                 continue
             first[i] = row
-            if not i.strip():
-                errors[row] = "empty id"
-            elif _blank(v):
+            if _blank(v):
                 errors[row] = f"empty {column}"
         return errors
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype={"id": str},
+                           keep_default_na=False, na_values=[])
+    raise ManifestError(f"manifest {path}: unknown format {path.suffix!r} (use .csv or .parquet)")
 
 
 def _blank(v) -> bool:

@@ -33,6 +33,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from encoders import disk
+
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 # Attributes that must match for a partial store to be continued rather than rebuilt.
@@ -47,6 +49,10 @@ class StoreError(RuntimeError):
 
 class StoreLocked(StoreError):
     pass
+
+
+class StoreFull(StoreError):
+    """No room for the next batch: the store keeps every committed batch and a rerun resumes (encoders/disk.py)."""
 
 
 def library_versions() -> dict[str, str]:
@@ -90,8 +96,12 @@ class _Lock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # out_dir is a file, read-only, not ours: retrying cannot help
+            raise StoreError(f"cannot write store {self.path.with_suffix('')}: {exc.strerror} ({exc.filename}); "
+                             "choose another output folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -143,11 +153,13 @@ class StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.f is not None:
-            _PRIVATE_FDS.discard(self._fd)
-            self.f.close()
+        try:
+            if self.f is not None:
+                _PRIVATE_FDS.discard(self._fd)
+                self.f.close()
+        finally:  # a close that fails (a full disk) must not keep the lock: the next run is ours too
             self.f = None
-        self._lock.release()
+            self._lock.release()
 
     def _open(self) -> None:
         if self.path.exists() and not self.overwrite:
@@ -236,6 +248,27 @@ class StoreWriter:
             raise ValueError(f"batch of {len(ids)} ids has embeddings of shape {embeddings.shape}, "
                              f"store {self.path} expects (n, {self.dim})")
         n, e = self.n, int(f.attrs["n_errors"])
+        self._check_room(ids, errors)
+        try:
+            self._write(ids, embeddings, errors, n, e, rows_done)
+        except Exception as exc:
+            if disk.is_out_of_space(exc):
+                raise StoreFull(f"no space left on device writing store {self.path}: {n} rows are saved; free "
+                                "space and rerun to resume there") from None
+            raise
+
+    def _check_room(self, ids: Sequence[str], errors: Sequence[tuple[str, str]]) -> None:
+        chunk = self.chunk_rows * self.dim * self.dtype.itemsize
+        strings = sum(len(str(i)) + 16 for i in ids) + sum(len(a) + len(b) + 32 for a, b in errors)
+        need = disk.bytes_needed(len(ids) // self.chunk_rows + 2, chunk, strings)
+        free = disk.free_bytes(self.path)
+        if free < need:
+            raise StoreFull(f"no space left on device for store {self.path}: {free / 2**20:.2f} MiB free, the next "
+                            f"batch needs {need / 2**20:.2f} MiB; {self.n} rows are saved — free space and rerun "
+                            "to resume there")
+
+    def _write(self, ids, embeddings, errors, n: int, e: int, rows_done: int) -> None:
+        f = self.f
         if len(ids):
             for ds, rows in ((f["ids"], np.asarray(ids, dtype=object)), (f["embeddings"], embeddings.astype(self.dtype))):
                 ds.resize(n + len(ids), axis=0)
@@ -416,11 +449,12 @@ class PairedStores:
 
 
 def join_stores(source: str | Path | EmbeddingStore, target: str | Path | EmbeddingStore, *,
-                require_same_ids: bool = False) -> PairedStores:
+                require_same_ids: bool = False, allow_disjoint: bool = False) -> PairedStores:
     """Align two stores by id, in the source store's order.
 
     Stores made from one manifest usually differ only by the rows each could not embed; those
-    are dropped and counted. ``require_same_ids`` turns any difference into an error.
+    are dropped and counted. ``require_same_ids`` turns any difference into an error;
+    ``allow_disjoint`` accepts stores with no id in common (semi-supervised alignment uses the rest).
     """
     src = source if isinstance(source, EmbeddingStore) else EmbeddingStore(source)
     tgt = target if isinstance(target, EmbeddingStore) else EmbeddingStore(target)
@@ -431,7 +465,7 @@ def join_stores(source: str | Path | EmbeddingStore, target: str | Path | Embedd
         if j is not None:
             src_rows.append(i)
             tgt_rows.append(j)
-    if not src_rows:
+    if not src_rows and not allow_disjoint:
         raise StoreError(f"stores {src.path} and {tgt.path} share no ids "
                          f"(e.g. {list(src.ids[:2])} vs {list(tgt.ids[:2])}); were they built from the same manifest?")
     if require_same_ids and (len(src_rows) != len(src) or len(src_rows) != len(tgt)):

@@ -16,28 +16,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
 import mlflow
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import ManifestError
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, tracking
+from flows import reporting, run_recovery, served, tracking
 from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, load_split, make_split, save_split
-from projection.fit import fit_projector
+from projection.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
+from projection.fit import FitResult, fit_projector
 from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
+from projection.partial import check_pairs, partition_stores, semi_inputs
 from projection.projector import save_projector
-from projection.train import predict
+from projection.semi import SemiConfig, fit_semi_mode
+from projection.train import TrainResult, predict
 from projection.transfer import transfer_scores
 
 
@@ -59,11 +62,11 @@ class AlignParams(BaseModel):
 
     source: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
     target: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
-    projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimiser, schedule, early stopping.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split by id.")
-    baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
+    projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
+    loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
+    train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")
+    split: SplitConfig = Field(SplitConfig(), description="Deterministic train/val/test split by id.")
+    baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
     label_column: str | None = Field(
         None, description="Manifest column with class labels (ints or strings): class-level R@1, the transfer figure, "
         "and zero-shot with a class store. Read from label_manifest, else the source's, else the target's manifest.")
@@ -73,9 +76,17 @@ class AlignParams(BaseModel):
         "each prompt's class, matched to the labels by value.")
     transfer_column: str | None = Field(
         None, description="Column for the cross-modal transfer figure (classes or numbers); default: label_column.")
+    mode: Literal["pairs", "semi", "zero_pair"] = Field(
+        "pairs", description="'pairs': train on rows whose id is in both stores. 'semi': also use the rows without a "
+        "partner (refined closed form + semi-supervised MLP). 'zero_pair': no training pairs at all (two encoders of "
+        "the same inputs only). The test split is always drawn from shared ids and held out.")
+    paired_frac: float = Field(
+        1.0, ge=0.0, le=1.0, description="semi/zero_pair: fraction of the training pairs used as pairs; the rest join "
+        "the unpaired rows (to measure how few pairs suffice). Which ids were pairs is logged as pairing.csv.")
+    semi_steps: int = Field(600, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
-    experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-align-<dataset>').")
+    experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
 
@@ -96,7 +107,7 @@ def check_inputs(params: AlignParams) -> tuple:
     """Open and join the stores, split, read labels and class prompts: every bad input fails HERE, in one line,
     before a run folder or an MLflow run exists. (src, tgt, pairs, projector config, ids, split, task inputs)."""
     src, tgt = EmbeddingStore(params.source), EmbeddingStore(params.target)
-    pairs = join_stores(src, tgt)
+    pairs = join_stores(src, tgt, allow_disjoint=params.mode != "pairs")
     proj = params.projector
     for side, want, store in (("d_in", proj.d_in, src), ("d_out", proj.d_out, tgt)):
         if want is not None and want != store.dim:
@@ -105,7 +116,16 @@ def check_inputs(params: AlignParams) -> tuple:
     ids = list(pairs.ids)
     split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
              else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
-    return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
+    semi = None
+    if params.mode != "pairs":  # pairs, released pairs and unpaired rows; which is which is logged
+        nbytes = (len(src) * src.dim + len(tgt) * tgt.dim) * 4
+        if nbytes > params.in_memory_max_gb * 2**30:
+            raise StoreError(f"mode {params.mode!r} holds both stores in memory ({nbytes / 2**30:.1f} GiB > in_memory_max_gb)")
+        semi = semi_inputs(src, tgt, partition_stores(src, tgt), split, params.paired_frac, params.split.seed)
+        check_pairs(len(semi.xp), len(split["test"]), params.mode, len(pairs))
+    check_split(split, params.split.val_frac)  # before any training: tiny stores failed only at evaluation
+    task = _task_inputs(params, src, tgt, ids, split)
+    return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
 @flow(name="align", log_prints=True)
@@ -117,6 +137,10 @@ def align(params: AlignParams) -> dict:
         get_run_logger().warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
                                  pairs.dropped_source, pairs.dropped_target)
     data = _datasets(params, pairs, ids, split, Path(src.path).name, Path(tgt.path).name)
+    if "semi" in task:  # train on the budget's pairs only; the val and test splits stay as they are
+        semi = task["semi"]
+        data |= {"train": InMemoryPairs(semi.xp, semi.yp, semi.pair_ids, Path(src.path).name, Path(tgt.path).name),
+                 "fit": (semi.xp, semi.yp)}
     key = params.run_key(src, tgt)
     run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
     fresh = not run_dir.exists()  # an existing folder holds a killed run's checkpoint: resume, never delete it
@@ -139,11 +163,11 @@ def _task_inputs(params: AlignParams, src: EmbeddingStore, tgt: EmbeddingStore, 
     if params.label_column:
         labels = read_column(manifests, ids, params.label_column, "class labels, one per id")
         out["labels"] = labels[split["test"]]
-        if params.class_store:
-            class_emb, index = class_embeddings(params.class_store, params.label_column, out["labels"])
+        if params.class_store:  # every label must have a prompt, not only the test split's
+            class_emb, index = class_embeddings(params.class_store, params.label_column, labels)
             if class_emb.shape[1] != tgt.dim:
                 raise StoreError(f"class store {params.class_store} has dim {class_emb.shape[1]}, target store {tgt.path} has {tgt.dim}")
-            out["class_emb"], out["class_index"] = class_emb, index
+            out["class_emb"], out["class_index"] = class_emb, index[split["test"]]
     elif params.class_store:
         raise ManifestError("class_store is set but label_column is not: zero-shot needs the labels' column name")
     column = params.transfer_column or params.label_column
@@ -176,31 +200,34 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
-    with mlflow.start_run(experiment_id=tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}"),
-                          run_name=run_name, tags=_tags(params, src, tgt, dataset)) as run:
+    exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
+    tags = _tags(params, src, tgt, dataset) | run_recovery.claim(exp, run_dir)  # a killed run here: KILLED, linked
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
-        baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"])
-        mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
+        baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"]) if len(data["fit"][0]) > 1 else {}
+        if "ridge" in baselines:
+            mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
 
         def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
 
-        fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
-                            ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+        if "semi" in task:
+            fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch)
+        else:
+            fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
+                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
         model, result = fit.model, fit.train
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "kept_ridge_start": float(fit.kept_start)})
+        run_recovery.fill_history(run.info.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}
         preds |= {name: b.predict(x_test) for name, b in baselines.items()}
         table, spaces = _evaluate(preds, x_test, y_test, data, task)
         _log_artifacts(table, spaces, params, result, preds, y_test, task, run_dir, run_name)
-        example = x_test[:4].astype(np.float32)
-        with torch.no_grad():
-            out_example = model(torch.from_numpy(example)).numpy()
-        mlflow.pytorch.log_model(model, name="projector", signature=mlflow.models.infer_signature(example, out_example),
-                                 input_example=example, serialization_format="pickle")
+        # safetensors + JSON as a pyfunc model (no pickle), naming both encoders: what `xmodal promote` registers
+        served.log_projector_model(run_dir / "projector", src, tgt)
     origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.info.run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n\n{reporting.spaces_markdown(spaces)}\n")
@@ -216,8 +243,21 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
 
 
+def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict, run_dir: Path, callback) -> FitResult:
+    """Modes 'semi' and 'zero_pair': the refined closed form joins the baselines; which ids were pairs is logged."""
+    pd.DataFrame(semi.roles, columns=["id", "role"]).to_csv(run_dir / "pairing.csv", index=False)
+    mlflow.log_artifact(str(run_dir / "pairing.csv"))
+    mlflow.log_params({"mode": params.mode, "paired_frac": params.paired_frac, "n_train_pairs_used": len(semi.xp),
+                       "n_unpaired_source": len(semi.xu), "n_unpaired_target": len(semi.yu)})
+    model, refined = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
+                                   SemiConfig(steps=params.semi_steps), callback)
+    baselines["refined"] = refined
+    history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(refined.history)]
+    return FitResult(model, TrainResult(None, 0, 1, params.semi_steps, False, None, history), None, None, False)
+
+
 def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
-    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset,
+    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset, **tracking.source_tags("align"),
             "source_weights_origin": src.attrs.get("weights_origin", ""),
             "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     if params.parent_run_id:
@@ -226,9 +266,9 @@ def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:
-    mlflow.log_params(_flat({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
-                             "train": params.train.model_dump(), "split": params.split.model_dump(),
-                             "baselines": params.baselines.model_dump()}))
+    mlflow.log_params(tracking.flatten({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
+                                        "train": params.train.model_dump(), "split": params.split.model_dump(),
+                                        "baselines": params.baselines.model_dump()}))
     mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": sum(map(len, split.values())),
                        "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
                        "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
@@ -303,16 +343,6 @@ def _publish_latest(run_dir: Path, latest: Path) -> None:
     if latest.exists():
         shutil.rmtree(latest)
     os.replace(tmp, latest)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "terms":
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
-    return out
 
 
 expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's

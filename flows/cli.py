@@ -8,7 +8,26 @@ import typer
 
 from flows import _env  # noqa: F401
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cross-modal embedding alignment.")
+
+
+class _App(typer.Typer):
+    """Errors that are the user's to fix end as one line on stderr and exit code 2 (flows/errors.py);
+    anything else keeps its traceback."""
+
+    def __call__(self, *args, **kwargs):
+        from flows import errors
+
+        errors.quiet_expected_tracebacks()
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not errors.is_user_error(exc):
+                raise
+            typer.echo(f"xmodal: error: {errors.one_line(exc)}", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(add_completion=False, no_args_is_help=True, help="Cross-modal embedding alignment.")
 
 
 @app.command()
@@ -48,7 +67,8 @@ def compare(
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: all)."),
     run_id: Optional[list[str]] = typer.Option(None, "--run-id", help="Runs to compare (repeatable)."),
     last: int = typer.Option(10, help="Without --run-id: the newest K runs."),
-    stage: str = typer.Option("align", help="align | finetune | extract | pipeline"),
+    stage: Optional[str] = typer.Option(
+        None, help="align | pipeline | finetune | extract (default: the experiment's stage, else align)."),
     plot: str = typer.Option("runs/compare.png", help="Where to write the comparison plot."),
 ):
     """Table of runs' params and final metrics (and a plot), newest first."""
@@ -103,6 +123,25 @@ def apply_sets(config: dict, items: list[str]) -> dict:
 
 def _floats(text: str | None) -> list[float] | None:
     return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+
+
+@app.command()
+def promote(
+    run_id: str = typer.Argument(..., help="The align (stage-1) run whose projector to register."),
+    name: str = typer.Option(..., "--name", help="Registered model name, e.g. digits-image-to-caption."),
+    alias: str = typer.Option("champion", "--alias", help="Alias the new version gets."),
+):
+    """Register a run's projector in the MLflow Model Registry (no pickle); load it as models:/NAME@ALIAS."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.promote import promote as promote_run
+
+    try:
+        out = promote_run(run_id, name, alias)
+    except (ValueError, MlflowException) as exc:  # unknown run, or no xmodal projector in it: one line
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"registered {out['name']} version {out['version']} as {out['uri']} (from run {run_id})")
 
 
 @app.command()

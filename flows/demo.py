@@ -38,17 +38,18 @@ def run_demo() -> dict:
     from flows.pipeline import PipelineConfig, pipeline
 
     os.chdir(ROOT)  # the defaults (shared with the Prefect deployments) are paths relative to the repo
-    console, t0 = Console(), time.perf_counter()
+    console, t0 = Console(width=150), time.perf_counter()  # tables are wider than a default 80-column pipe
     manifests = build_all(ROOT / "data/generated")
     base = PipelineConfig()  # the same defaults the Prefect deployments use
     runs = {
         "fashion image -> caption": pipeline(base),
         "fashion sketch -> image": pipeline(base.model_copy(update={
             "source_column": "sketch", "target_column": "image", "target_encoder": base.source_encoder,
-            "class_manifest": None, "label_column": None})),
+            "class_manifest": None})),
         "stereo rgb -> depth": pipeline(PipelineConfig(
             manifest=str(manifests["stereo"].relative_to(ROOT)), source_column="rgb", target_column="depth",
             source_encoder=STEREO_ENCODER, target_encoder=STEREO_ENCODER, class_manifest=None, label_column=None,
+            transfer_column="mean_disparity",
             align={"split": {"file": str((manifests["stereo"].parent / "split.csv").relative_to(ROOT))}})),
     }
     stage2 = _stage2(runs["fashion image -> caption"], base)
@@ -100,15 +101,18 @@ def _print_stage1(console: Console, title: str, run: dict) -> None:
     origin = r["weights_origin"]
     label = " ".join(f"{side} {o.upper() if o == 'random-init' else o}" for side, o in origin.items())
     t = Table(title=f"stage 1 {title}: held-out test split (encoder weights: {label})")
-    first = next(iter(r["metrics"].values()))
-    cols = [c for c in ("mse", "cosine", "p2t_r1", "p2t_r10", "p2t_mrr", "t2p_r1", "class_r1", "zeroshot_acc",
-                        "transfer_acc_projected", "transfer_acc_target") if c in first]
+    keys = {k for m in r["metrics"].values() for k in m}
+    cols = [c for c in ("mse", "cosine", "p2t_r1", "p2t_r10", "t2p_r1", "p2t_class_r1", "t2p_class_r1", "zeroshot_acc",
+                        "transfer") if c in keys]
     t.add_column("method")
     for c in cols:
         t.add_column(c)
     for method, m in r["metrics"].items():
-        t.add_row(method, *(f"{m[c]:.4f}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols))
+        t.add_row(method, *(f"{m[c]:.4f}" if isinstance(m.get(c), float) and m[c] == m[c] else "" for c in cols))
     console.print(t)
+    for side, stats in run["align"].get("spaces", {}).items():
+        if stats.get("warning"):
+            console.print(f"[bold red]{side} space: {stats['warning']}[/]")
     console.print(f"MLflow parent run {run['parent_run_id']}")
 
 

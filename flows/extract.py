@@ -17,15 +17,16 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from encoders.extract import ExtractionError, extract, store_path
+from encoders.extract import extract, store_path
 from encoders.factory import load_encoder
-from encoders.frozen import EncoderUnavailable
-from encoders.manifest import Manifest, ManifestError
+from encoders.manifest import Manifest
 from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
-from encoders.store import StoreError
-from flows import tracking
+from flows import errors, process_guard, run_recovery, tracking
+
+
+process_guard.install()  # every flow module imports this one: its ephemeral Prefect server dies with it
 
 
 class ExtractParams(BaseModel):
@@ -36,10 +37,10 @@ class ExtractParams(BaseModel):
     manifest: str = Field(description="CSV or Parquet manifest with an 'id' column; paths are relative to it.")
     column: str = Field(description="The modality column to embed (image paths or texts), e.g. 'image', 'caption'.")
     encoder: str = Field(
-        description="Encoder spec '<backend>:<tower>:<model>[@weights][?opts]', "
+        description="Encoder spec BACKEND:TOWER:MODEL[@WEIGHTS][?OPTIONS], "
         "e.g. 'open_clip:image:ViT-B-32@/ckpt/model.safetensors' or 'hf:text:/models/minilm?pooling=mean'."
     )
-    out_dir: str = Field(default="runs/stores", description="Stores go to <out_dir>/<dataset>/<column>--<encoder>.h5.")
+    out_dir: str = Field(default="runs/stores", description="Stores go to OUT_DIR/DATASET/COLUMN--ENCODER.h5.")
     on_error: Literal["skip", "fail"] = Field(
         default="skip", description="Bad rows: 'skip' records them in the errors table; 'fail' stops at the first."
     )
@@ -52,7 +53,7 @@ class ExtractParams(BaseModel):
         "Speed only: embeddings are the same up to float rounding.",
     )
     refresh: bool = Field(default=False, description="Rebuild the store even if a complete one exists.")
-    experiment: str | None = Field(default=None, description="MLflow experiment (default 'xmodal-extract-<dataset>').")
+    experiment: str | None = Field(default=None, description="MLflow experiment (default: xmodal-extract-DATASET, DATASET being the manifest's name).")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(default=None, description="Nest this run under an MLflow parent run.")
     shards: int = Field(
@@ -78,10 +79,8 @@ def _transient(task, task_run, state) -> bool:
     """Retry I/O hiccups and device errors, never bad input or a missing model: those fail the same way twice."""
     try:
         state.result()
-    except (ExtractionError, EncoderUnavailable, ManifestError, StoreError, ValueError, KeyError):
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return errors.is_transient(exc)  # a full disk or an out_dir that is a file fails the same way again
     return False
 
 
@@ -292,9 +291,12 @@ def extract_embeddings(params: ExtractParams) -> dict:
     tracking.tracking_uri(params.tracking_uri)
     dataset = Manifest.read(params.manifest).name
     exp = tracking.experiment_id(params.experiment or f"xmodal-extract-{dataset}")
-    tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column}
+    tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column,
+            **tracking.source_tags("extract")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
+    spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
+    tags |= run_recovery.claim(exp, store_path(params.out_dir, dataset, params.column, spec.slug))
     run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
     run_id = run.info.run_id
     try:

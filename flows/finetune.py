@@ -47,14 +47,14 @@ class FinetuneParams(BaseModel):
     manifest: str = Field(description="Manifest with the raw source inputs and the task column.")
     source_column: str = Field(description="Manifest column of the source modality (image paths or texts).")
     source_encoder: str = Field(description="Spec of the source encoder stage 1 was trained on.")
-    config: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Task, unfreeze policy, learning rates.")
+    config: FinetuneConfig = Field(FinetuneConfig(), description="Task, unfreeze policy, learning rates.")
     split_csv: str | None = Field(None, description="id -> split table from stage 1 (so test ids stay unseen); "
                                                     "default: a fresh split with `split`.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Used only without split_csv.")
+    split: SplitConfig = Field(SplitConfig(), description="Used only without split_csv.")
     target_store: str | None = Field(None, description="Target-space store: retrieval targets, and the stage-1 "
                                                        "alignment metrics after fine-tuning (forgetting).")
     out_dir: str = Field("runs/finetune", description="Checkpoints and the fine-tuned model go here.")
-    experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-finetune-<dataset>').")
+    experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-finetune-DATASET, DATASET being the manifest's name).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
 
@@ -129,7 +129,8 @@ def finetune(params: FinetuneParams) -> dict:
     run_dir = Path(params.out_dir) / f"{manifest.name}-{cfg.task}-{cfg.unfreeze}-{params.run_key()}"
     dataset = manifest.name
     exp = tracking.experiment_id(params.experiment or f"xmodal-finetune-{dataset}")
-    tags = {"xmodal.stage": "finetune", "xmodal.dataset": dataset, "weights_origin": encoder_before.origin}
+    tags = {"xmodal.stage": "finetune", "xmodal.dataset": dataset, "weights_origin": encoder_before.origin,
+            **tracking.source_tags("finetune")}
     if params.parent_run_id:
         tags["mlflow.parentRunId"] = params.parent_run_id
     run_name = f"finetune {dataset}: {cfg.task}, unfreeze={cfg.unfreeze}" + (f"({cfg.last_n})" if cfg.unfreeze == "last_n" else "")

@@ -7,6 +7,7 @@ Each stage is its own flow and its own nested MLflow run, logging exactly as it 
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +19,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, tracking
+from flows import reporting, run_recovery, tracking
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
@@ -32,20 +33,23 @@ TINY_RN = "data/models/xmodal-tiny-rn.json"
 LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"
 
 
+# Defaults are explicit instances, never `default_factory`: pydantic leaves factory defaults out of the JSON
+# schema, and the Prefect UI's run form (the deployment's parameters merged over that schema) then showed and
+# submitted each nested class's own defaults (stage 2: unfreeze 'none' and encoder_lr 1e-5, not 'last_n' and 1e-4).
+# tests/flows/test_parameter_schemas.py checks that every default in the schema equals the Python one.
 class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    projector: ProjectorParams = Field(default_factory=ProjectorParams, description="Projector architecture.")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Stage-1 objective (MSE by default).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage-1 optimiser and schedule (the defaults: a step budget).")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic split by id (shared by stage 2).")
-    baselines: BaselineConfig = Field(default_factory=BaselineConfig, description="Closed-form baselines.")
+    projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
+    loss: LossConfig = Field(LossConfig(), description="Stage-1 objective (MSE by default).")
+    train: TrainConfig = Field(TrainConfig(), description="Stage-1 optimiser and schedule (the defaults: a step budget).")
+    split: SplitConfig = Field(SplitConfig(), description="Deterministic split by id (shared by stage 2).")
+    baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
 
 
 class FinetuneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="Run stage 2 after stage 1.")
-    config: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(unfreeze="last_n", last_n=1, epochs=5,
-                                                                          encoder_lr=1e-4),
+    config: FinetuneConfig = Field(FinetuneConfig(unfreeze="last_n", last_n=1, epochs=5, encoder_lr=1e-4),
                                    description="Task, unfreeze policy, learning rates.")
 
 
@@ -63,12 +67,18 @@ class PipelineConfig(BaseModel):
     class_manifest: str | None = Field(str(SAMPLE / "fashion" / "classes.csv"),
                                        description="One prompt per class (embedded by the target encoder) for zero-shot.")
     class_column: str = Field("caption", description="Prompt column of class_manifest.")
-    label_column: str | None = Field("label", description="Integer class labels in both manifests (zero-shot).")
-    align: AlignSettings = Field(default_factory=AlignSettings, description="Stage 1.")
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="Stage 2 (optional).")
+    label_column: str | None = Field("label", description="Class labels in the manifest (ints or strings): class-level "
+                                     "R@1, the transfer figure, and zero-shot when class_manifest is set.")
+    transfer_column: str | None = Field(None, description="Manifest column for the cross-modal transfer figure "
+                                        "(classes or numbers, e.g. mean_disparity); default: label_column.")
+    align: AlignSettings = Field(AlignSettings(), description="Stage 1.")
+    finetune: FinetuneSettings = Field(FinetuneSettings(), description="Stage 2 (optional).")
+    register_model: str | None = Field(None, description="After the run, register its projector in the MLflow Model "
+                                       "Registry under this name (empty: do not register).")
+    register_alias: str = Field("champion", description="Alias the registered version gets (with register_model).")
     out_dir: str = Field("runs", description="Stores, projectors and checkpoints go under this folder.")
     refresh: bool = Field(False, description="Re-extract embeddings even when cached stores exist.")
-    experiment: str | None = Field(None, description="MLflow experiment (default 'xmodal-pipeline-<dataset>').")
+    experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-pipeline-DATASET, DATASET being the manifest's name).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
 
 
@@ -81,9 +91,30 @@ def ensure_sample_data(*paths: str | None) -> None:
         build_all(SAMPLE)
 
 
-@flow(name="pipeline", log_prints=True)
+def run_label(c: PipelineConfig, dataset: str | None = None) -> str:
+    """'digits: image -> caption, mlp (+ stage 2)': what tells one run from the next in both UIs."""
+    dataset = dataset or _dataset_name(c.manifest)
+    return (f"{dataset}: {c.source_column} -> {c.target_column}, {c.align.projector.kind}"
+            + (" + stage 2" if c.finetune.enabled else ""))
+
+
+def _dataset_name(manifest: str) -> str:
+    p = Path(manifest)  # encoders.manifest.Manifest.name, before the file is read (the flow run's name)
+    return p.parent.name if p.stem == "manifest" else p.stem
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config", PipelineConfig())
+    return run_label(config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config))
+
+
+@flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
+    from prefect.runtime import flow_run
+
     logger = get_run_logger()
     c = config
     uri = tracking.tracking_uri(c.tracking_uri)
@@ -94,27 +125,28 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
     exp = tracking.experiment_id(experiment)
     client = mlflow.MlflowClient()
-    parent = client.create_run(exp, run_name=f"pipeline {dataset}: {c.source_column} -> {c.target_column}",
-                               tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset})
+    # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
+    run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
+    parent = client.create_run(exp, run_name=run_name, tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset,
+                                                             "prefect.flow_run_id": str(flow_run.id),
+                                                             **tracking.source_tags("pipeline")}
+                               | run_recovery.claim(exp, f"pipeline:{c.model_dump_json()}"))
     pid = parent.info.run_id
     common = {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid}
     try:
-        tracking.log_params(pid, {"manifest": c.manifest, "source_column": c.source_column,
-                                  "target_column": c.target_column, "source_encoder": c.source_encoder,
-                                  "target_encoder": c.target_encoder, "finetune.enabled": c.finetune.enabled})
+        tracking.log_params(pid, tracking.flatten(c.model_dump(mode="json")))  # the whole config, as run
         stores = f"{c.out_dir}/stores"
-        src = extract_embeddings(ExtractParams(manifest=c.manifest, column=c.source_column, encoder=c.source_encoder,
-                                               out_dir=stores, refresh=c.refresh, **common))
-        tgt = extract_embeddings(ExtractParams(manifest=c.manifest, column=c.target_column, encoder=c.target_encoder,
-                                               out_dir=stores, refresh=c.refresh, **common))
-        cls = None
-        if c.class_manifest and c.label_column:
-            cls = extract_embeddings(ExtractParams(manifest=c.class_manifest, column=c.class_column,
-                                                   encoder=c.target_encoder, out_dir=stores, refresh=c.refresh, **common))
+        extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
+            manifest=manifest, column=column, encoder=encoder, out_dir=stores, refresh=c.refresh, **common))
+        src = extract(c.manifest, c.source_column, c.source_encoder)
+        tgt = extract(c.manifest, c.target_column, c.target_encoder)
+        cls = (extract(c.class_manifest, c.class_column, c.target_encoder)
+               if c.class_manifest and c.label_column else None)
         a = c.align
         stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
                                    train=a.train, split=a.split, baselines=a.baselines,
-                                   label_column=c.label_column if cls else None, class_store=cls["store"] if cls else None,
+                                   label_column=c.label_column, label_manifest=c.manifest,
+                                   transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
                                    out_dir=f"{c.out_dir}/align", **common))
         stage2 = None
         if c.finetune.enabled:
@@ -122,14 +154,45 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                              source_column=c.source_column, source_encoder=c.source_encoder,
                                              config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
                                              target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
-        summary = evaluate(pid, experiment, stage1, stage2, [src, tgt] + ([cls] if cls else []))
+        extracts = [src, tgt] + ([cls] if cls else [])
+        summary = evaluate(pid, experiment, stage1, stage2, extracts)
+        registered = None
+        if c.register_model:
+            from flows.promote import promote
+
+            registered = promote(stage1["run_id"], c.register_model, c.register_alias)
         client.set_terminated(pid, "FINISHED")
     except BaseException:
         client.set_terminated(pid, "FAILED")
         raise
+    # the summary belongs to the pipeline's own flow run (its Artifacts tab), not to a subflow
+    create_markdown_artifact(summary_markdown(pid, extracts, stage1, stage2, registered), key=_key("pipeline-summary"))
+    tracking.link_artifact(pid, _key("pipeline-mlflow"))
     logger.info("pipeline finished: MLflow parent run %s", pid)
-    return {"parent_run_id": pid, "extract": [src, tgt] + ([cls] if cls else []), "align": stage1,
-            "finetune": stage2, "summary": summary}
+    return {"parent_run_id": pid, "extract": extracts, "align": stage1, "finetune": stage2, "summary": summary,
+            "registered": registered}
+
+
+def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, stage2: dict | None,
+                     registered: dict | None = None) -> str:
+    """Stores, stage 1 beside its baselines, stage 2 before/after, and where the MLflow run is."""
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.MlflowClient().get_run(parent_run_id)
+    link = (f"[{run.info.run_name}]({uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{parent_run_id})"
+            if uri.startswith(("http://", "https://")) else f"`{parent_run_id}` in {uri} (open with `mlflow ui`)")
+    origins = stage1["weights_origin"]
+    md = [f"### xmodal pipeline: {run.info.run_name}\n\nMLflow parent run: {link}\n\n**Stores**\n\n"
+          "| dataset/column | N | dim | errors | weights | store |\n|---|---|---|---|---|---|\n"]
+    md += [f"| {r['dataset']}/{r['column']} | {r['n']} | {r['dim']} | {r['n_errors']} | {r['weights_origin']} "
+           f"| `{r['store']}` |\n" for r in extracts]
+    md.append(f"\n**Stage 1** (held-out test split; encoders: source {origins['source']}, target {origins['target']})"
+              "\n\n" + reporting.markdown_table(reporting.metrics_table(stage1["metrics"])))
+    if stage2:
+        md.append(f"\n\n**Stage 2** {stage2['task']}: test {stage2['metric']} before (frozen-feature head) "
+                  f"{stage2['before']['metric']:.4f} -> after (fine-tuned) {stage2['after']['metric']:.4f}")
+    if registered:
+        md.append(f"\n\nRegistered: `models:/{registered['name']}@{registered['alias']}` (version {registered['version']})")
+    return "".join(md)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -138,11 +201,14 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
     client = mlflow.MlflowClient()
     exp = tracking.experiment_id(experiment)
     run = client.create_run(exp, run_name="evaluate", tags={"xmodal.stage": "evaluate",
-                                                            "mlflow.parentRunId": parent_run_id})
+                                                            "mlflow.parentRunId": parent_run_id,
+                                                            **tracking.source_tags("pipeline")})
     rid = run.info.run_id
+    # every stage-1 row: the projector as stage1_*, each baseline as stage1_<name>_* (what compare shows)
     headline = {f"stage1_{k}": v for k, v in stage1["metrics"]["projector"].items()}
-    headline |= {f"stage1_ridge_{k}": v for k, v in stage1["metrics"].get("ridge", {}).items()
-                 if k in ("p2t_r1", "zeroshot_acc", "mse")}
+    for name, m in stage1["metrics"].items():
+        if name != "projector":
+            headline |= {f"stage1_{name}_{k}": v for k, v in m.items()}
     if stage2:
         headline |= {f"stage2_before_{stage2['metric']}": stage2["before"]["metric"],
                      f"stage2_after_{stage2['metric']}": stage2["after"]["metric"]}
@@ -154,15 +220,6 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
                                                                               ("task", "before", "after", "alignment")},
                             "weights_origin": stage1["weights_origin"]}, "evaluation.json")
     client.set_terminated(rid, "FINISHED")
-    origins = stage1["weights_origin"]
-    md = [f"### xmodal pipeline\n\nMLflow parent run `{parent_run_id}` · encoders: source {origins['source']}, "
-          f"target {origins['target']}\n\n**Stage 1** (held-out test split)\n\n"
-          + reporting.markdown_table(reporting.metrics_table(stage1["metrics"]))]
-    if stage2:
-        md.append(f"\n\n**Stage 2** {stage2['task']}: test {stage2['metric']} before {stage2['before']['metric']:.4f}"
-                  f" -> after {stage2['after']['metric']:.4f}")
-    create_markdown_artifact("".join(md), key=_key("pipeline-summary"))
-    tracking.link_artifact(parent_run_id, _key("pipeline-mlflow"))
     return headline | {"evaluate_run_id": rid}
 
 

@@ -17,24 +17,57 @@ from flows import _env  # noqa: F401
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from flows import mlflow_store
+
 
 def tracking_uri(uri: str | None = None) -> str:
     """Explicit argument, else $MLFLOW_TRACKING_URI, else a sqlite store in the working folder."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     check_reachable(uri)  # before any compute: a run that cannot be recorded should not start
+    mlflow_store.ensure_store(uri)  # a new ./mlflow.db is created once, even by concurrent first runs
     mlflow.set_tracking_uri(uri)
     return uri
 
 
+# MLflow 3.17's UI opens an experiment on its GenAI overview (traces) unless this tag marks it as model
+# training (the UI's ExperimentKind enum: "custom_model_development" opens the training-runs view).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str) -> str:
+    """The experiment's id, created on first use and tagged so MLflow's UI opens it on its runs table."""
     exp = mlflow.get_experiment_by_name(name)
-    return exp.experiment_id if exp else mlflow.create_experiment(name)
+    if exp is None:
+        return mlflow.create_experiment(name, tags=EXPERIMENT_KIND)
+    if "mlflow.experimentKind" not in exp.tags:
+        MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
+def source_tags(flow_name: str) -> dict[str, str]:
+    """Tags that make a run's Source column name the xmodal flow that made it (not Prefect's engine.py)."""
+    return {"mlflow.source.name": f"xmodal {flow_name} flow (flows/{flow_name}.py)", "mlflow.source.type": "JOB"}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys (``align.train.epochs``); loss ``terms`` stay one JSON value."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "terms":
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, dict) else v
+    return out
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """All params in batches of 100 (MLflow's per-request limit); None is logged as an empty string."""
+    from mlflow.entities import Param
+
+    items = [Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
     client = MlflowClient()
-    for k, v in params.items():
-        client.log_param(run_id, k, "" if v is None else str(v)[:6000])
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
@@ -89,3 +122,18 @@ def link_artifact(run_id: str, key: str) -> None:
     run = MlflowClient().get_run(run_id)
     create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
                          link_text=f"MLflow run {run.info.run_name or run_id}", key=key)
+
+
+def log_report(experiment: str, run_name: str, params: dict[str, Any], series: dict[str, list[tuple[int, float]]],
+               files: list[str | Path], uri: str | None = None) -> str:
+    """One MLflow run for a benchmark report: params, metric series (name -> [(step, value)]) and files such
+    as a plot (``benchmarks/semi.py --mlflow`` logs its R@1-vs-pairs curve this way). Returns the run id."""
+    tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name) as run:
+        mlflow.log_params(params)
+        for name, points in series.items():
+            for step, value in points:
+                mlflow.log_metric(name, value, step=step)
+        for f in files:
+            mlflow.log_artifact(str(f))
+    return run.info.run_id

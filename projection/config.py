@@ -68,7 +68,8 @@ class ProjectorConfig(_Strict):
 
 class LossConfig(_Strict):
     terms: dict[str, float] = Field(
-        default_factory=lambda: {"mse": 1.0},
+        # a plain default (pydantic copies it per instance), so the JSON schema and the UI form show it
+        default={"mse": 1.0},
         description=f"Loss name -> weight; the total loss is the weighted sum. Names: {', '.join(LOSS_NAMES)}.",
     )
     temperature: float = Field(0.07, gt=0.0, description="InfoNCE initial (or fixed) temperature; logit scale = 1/temperature.")

@@ -46,6 +46,21 @@ def make_split(ids: Sequence, val_frac: float = 0.1, test_frac: float = 0.1, see
     return {name: np.sort(np.asarray(cuts[name], dtype=np.int64)) for name in SPLITS}
 
 
+class SplitTooSmall(ValueError):
+    """Too few pairs for a split every stage needs: said before any training, with what to change."""
+
+
+def check_split(split: dict[str, np.ndarray], val_frac: float) -> None:
+    """train and test must hold pairs (and val, when val_frac > 0): a 1- or 5-row store failed after training."""
+    need = ("train", "test") + (("val",) if val_frac > 0 else ())
+    empty = [name for name in need if len(split[name]) == 0]
+    if empty:
+        sizes = ", ".join(f"{name} {len(split[name])}" for name in SPLITS)
+        raise SplitTooSmall(f"{sum(len(v) for v in split.values())} pairs are too few to split ({sizes}): the "
+                            f"{' and '.join(empty)} split would be empty; add rows, or raise split.test_frac / "
+                            "split.val_frac")
+
+
 def split_assignment(ids: Sequence, split: dict[str, np.ndarray]) -> dict[str, str]:
     """id (as str) -> split name."""
     out: dict[str, str] = {}

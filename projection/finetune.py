@@ -256,6 +256,10 @@ def _set_encoder_mode(encoder: FrozenEncoder, prefixes: list[str], exclude: list
             obj.train()
     for name in exclude:
         _get(encoder.module, name).eval()
+    if encoder.freeze_bn_stats:  # BatchNorm keeps its pretrained statistics; its scale and shift still train
+        for m in encoder.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 # --------------------------------------------------------------------------- model

@@ -44,3 +44,75 @@ def kill_9_after_first_checkpoint(victim, ckpt, timeout: float = 120) -> None:
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
+
+
+_MISSING = object()
+
+
+def form_values(schema: dict, given: dict | None = None) -> dict:
+    """What Prefect's Custom-run form shows and submits: the deployment's parameters over the parameter schema's
+    defaults. A value given for an object wins over that object's default; keys it lacks come from the object's
+    own properties' defaults, recursively (so a nested default missing from the schema shows as the class's)."""
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def deref(node: dict) -> dict:
+        while "$ref" in node:
+            node = {**defs[node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+        for branch in node.get("anyOf", []) + node.get("allOf", []):  # Optional[Model] -> Model
+            if "$ref" in branch:
+                return {**deref(branch), **{k: v for k, v in node.items() if k not in ("anyOf", "allOf")}}
+        return node
+
+    def resolve(node: dict, value):
+        node = deref(node)
+        if value is _MISSING:
+            value = node.get("default", _MISSING)
+        if "properties" in node and (value is _MISSING or isinstance(value, dict)):
+            value = {} if value is _MISSING else value
+            out = {k: resolve(p, value.get(k, _MISSING)) for k, p in node["properties"].items()}
+            return {k: v for k, v in out.items() if v is not _MISSING}
+        return value
+
+    return resolve({"properties": schema["properties"]}, given or {})
+
+
+def descriptions(schema) -> list[str]:
+    """Every description in a JSON schema (what the UI renders as text)."""
+    if isinstance(schema, dict):
+        own = [schema["description"]] if isinstance(schema.get("description"), str) else []
+        return own + [d for v in schema.values() for d in descriptions(v)]
+    if isinstance(schema, list):
+        return [d for v in schema for d in descriptions(v)]
+    return []
+
+
+def python_values(flow, given: dict | None = None) -> dict:
+    """What calling the flow's function with ``given`` runs with: each parameter validated by its annotation."""
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter
+
+    hints = typing.get_type_hints(flow.fn)
+    out = {}
+    for name, param in inspect.signature(flow.fn).parameters.items():
+        adapter = TypeAdapter(hints[name])
+        if given and name in given:
+            out[name] = adapter.dump_python(adapter.validate_python(given[name]), mode="json")
+        elif param.default is not inspect.Parameter.empty:
+            out[name] = adapter.dump_python(param.default, mode="json")
+    return out
+
+
+def deployment_flows() -> list[tuple[dict, object]]:
+    """(deployment entry of prefect.yaml, its flow object) for every deployment shipped."""
+    import importlib
+
+    import yaml
+
+    out = []
+    for dep in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        path, name = dep["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        out.append((dep, getattr(module, name)))
+    return out

@@ -7,7 +7,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from encoders.store import EmbeddingStore, StoreError
@@ -50,12 +49,11 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
     inputs = {d.dataset.digest for d in run.inputs.dataset_inputs}
     assert inputs == {EmbeddingStore(digits_stores["image"]).digest, EmbeddingStore(digits_stores["caption"]).digest}
 
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/projector")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/projector")  # safetensors + JSON, no pickle
     split = pd.read_csv(client.download_artifacts(run.info.run_id, "split.csv"))
     test_ids = split.loc[split["split"] == "test", "id"].tolist()
     src, tgt = EmbeddingStore(digits_stores["image"]), EmbeddingStore(digits_stores["caption"])
-    with torch.no_grad():
-        pred = model(torch.from_numpy(src.get(test_ids))).numpy()
+    pred = model.predict(src.get(test_ids))  # (N, D_src) embeddings in: the projector alone
     captions = pd.read_csv(tgt.attrs["manifest_path"], dtype={"id": str}).set_index("id").loc[test_ids, "caption"]
     again = alignment_metrics(pred, tgt.get(test_ids), groups=captions.tolist())  # the same caption is one target
     logged = run.data.metrics

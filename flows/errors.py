@@ -1,0 +1,63 @@
+"""Which failures are the user's to fix (one line, never retried) and which are worth a retry.
+
+A bad manifest, a missing model, an unwritable or full output folder fail the same way on every
+try: measured before this module, an out_dir that is a file was retried 3 times and reported in
+~450 lines of tracebacks (Prefect logs each attempt's traceback, then the flow's). Those errors
+already carry a message that names the item and what to do, so the CLI prints that one line, and
+the Prefect run loggers drop the traceback for them. Anything else (a bug, a device hiccup) keeps
+its traceback and, inside a task, its retries.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+# By qualified name, so `xmodal search` (which imports neither torch nor mlflow) can use this module too:
+# an exception's class is imported by the time it is raised.
+USER_ERRORS = {"encoders.extract.ExtractionError", "encoders.frozen.BadInput", "encoders.frozen.EncoderUnavailable",
+               "encoders.manifest.ManifestError", "encoders.store.StoreError", "flows.mlflow_store.StoreCreationError",
+               "flows.tracking.TrackingUnavailable", "projection.data.SplitTooSmall",
+               "pydantic_core._pydantic_core.ValidationError"}
+# The file system says no, and will say it again: full, read-only, not a folder, not allowed, missing.
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                    errno.EISDIR, errno.EEXIST, errno.ENOENT}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}
+    return bool(names & USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry only what a second try could change (I/O hiccups, device errors); see retry_condition_fn."""
+    return not is_user_error(exc) and not isinstance(exc, (ValueError, KeyError))
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, which file or item, what to do: the message the error already carries."""
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}:{where} (check the path, its permissions and free space, then rerun)"
+    if hasattr(exc, "errors") and hasattr(exc, "error_count"):  # pydantic's ValidationError
+        first = exc.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "input"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"invalid {field}: {first['msg']}{more}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class _DropExpectedTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    """On Prefect's flow and task run loggers: the failure is logged as its message, without a traceback."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpectedTraceback) for f in logger.filters):
+            logger.addFilter(_DropExpectedTraceback())
