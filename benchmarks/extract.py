@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _extract_fast as fast  # noqa: E402
 from benchmarks._common import LOADS, ROOT, emit_json, last_json_line, peak_rss_mib, phase, ru_maxrss_mib, rss_mib  # noqa: E402
 
 IMAGE_SPEC = "open_clip:image:ViT-B-32?batch_size=32"
@@ -155,18 +156,21 @@ def write_images(folder: Path, n: int, seed: int = 0) -> Path:
     return folder / "manifest.csv"
 
 
-def bare_pass(model, preprocess, paths: list[str]):
-    """What a user would write. Returns (items/s, seconds, (N, D) embeddings)."""
+def bare_pass(model, preprocess, paths: list[str], autocast: bool = False):
+    """What a user would write (``autocast``: under bf16 autocast). Returns (items/s, seconds, (N, D) embeddings)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
     out = []
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         for lo in range(0, len(paths), BATCH):
             x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[lo:lo + BATCH]])
-            out.append(F.normalize(model.encode_image(x), dim=-1))
+            out.append(F.normalize(model.encode_image(x).float(), dim=-1))
     seconds = time.perf_counter() - t0
     return len(paths) / seconds, seconds, torch.cat(out)
 
@@ -269,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every side (default: usable CPUs)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-precision", action="store_true", help="skip (c), fp32 vs bf16")
+    ap.add_argument("--skip-decode", action="store_true", help="skip (d), decode-only scaling")
+    ap.add_argument("--precision-images", type=int, default=None, help="images for (c) (default 64, --quick 32)")
+    ap.add_argument("--decode-images", type=int, default=None, help="images for (d) (default 480, --quick 96)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c) and (d); figures are best-of")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (images, stores, mlflow.db)")
     ap.add_argument("--mem-child", nargs=2, metavar=("MANIFEST", "OUT_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -295,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_throughput:
             print(f"\n(a) throughput: {IMAGE_SPEC} (random-init, no weights), {n_images} images, batch {BATCH}", flush=True)
             result["throughput"] = run_throughput(tmp, n_images, threads, timings)
+        run_fast_paths(args, tmp, threads, result, timings)
     finally:
         if not args.keep:
             import shutil
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     result["total_s"] = round(time.perf_counter() - t_start, 1)
 
     print("\n== summary ==")
+    fast.print_summary(result.get("precision"), result.get("decode"), result.get("gpu_plan"))
     if "throughput" in result:
         t = result["throughput"]
         print(f"(a) ViT-B-32 random-init, {t['n_images']} images {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {threads} torch threads")
@@ -342,6 +353,27 @@ def main(argv: list[str] | None = None) -> None:
               f"{' (other processes competed for the CPUs: timings are noisy)' if max(loads) > default_threads() + 0.5 else ''}")
     print(f"    total {result['total_s']:.1f} s")
     emit_json(result)
+
+
+def run_fast_paths(args, tmp: Path, threads: int, result: dict, timings: dict) -> None:
+    """(c) fp32 vs bf16 through the library, (d) the decode pipeline alone (benchmarks/_extract_fast.py)."""
+    if not args.skip_precision:
+        import torch
+
+        torch.set_num_threads(threads)
+        n = args.precision_images or (32 if args.quick else 64)
+        print(f"\n(c) precision: {fast.SPEC} fp32 vs bf16 via encoders.extract.extract, {n} images, {args.rounds} rounds", flush=True)
+        with phase(f"generate {n} PNGs for (c)", timings):
+            manifest = write_images(tmp / "precision-images", n, seed=1)
+        result["precision"] = fast.run_precision(manifest, tmp, bare_pass, args.rounds, timings)
+    if not args.skip_decode:
+        n = args.decode_images or (96 if args.quick else 480)
+        print(f"\n(d) decode only: {n} PNGs through encoders.loader, {args.rounds} rounds", flush=True)
+        with phase(f"generate {n} PNGs for (d)", timings):
+            manifest = write_images(tmp / "decode-images", n, seed=2)
+        result["decode"] = fast.run_decode(manifest, default_threads(), args.rounds, timings)
+    if "precision" in result and "decode" in result:
+        result["gpu_plan"] = fast.gpu_plan(result["precision"], result["decode"])
 
 
 def _has(md, name: str) -> bool:

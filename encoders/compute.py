@@ -10,6 +10,9 @@ own matrix products, with no barrier between them. Measured on this project's 2-
 identical embeddings; inside the flow, 1.02-1.04x a bare open_clip loop where torch's own
 threading reaches 0.92-0.95x (benchmarks/extract.py).
 
+The same holds at bf16 (weights cast once, encoders/frozen.py): sliced 5.48 vs 4.60 items/s best
+of 3 interleaved rounds on a busy machine (benchmarks/extract.py (c)), so slicing stays the default.
+
 The batch stays the unit of commit: slices are joined in order before the batch is written, so
 kill -9 still loses at most the batch in flight and a resumed store is identical. On CUDA/MPS one
 worker does everything, as before (the device is the parallel part there).
@@ -95,15 +98,27 @@ class BatchEncoder:
             self._pool = None
             _restore_threads()
 
-    def __call__(self, items: list[Any]) -> np.ndarray:
+    def __call__(self, batch: Any) -> np.ndarray:
+        """One collated batch (``encoder.collate``'s output, made by encoders/loader.py; None when it
+        holds no valid item) -> (B, D)."""
         enc = self.encoder
-        if not items:
+        n = 0 if batch is None else _rows(batch)
+        if n == 0:
             return np.zeros((0, enc.dim), np.float32)
-        if self._pool is None or len(items) < 2:
-            return enc.encode(enc.collate(items)).cpu().numpy()
-        n = min(self.workers, len(items))
-        bounds = np.linspace(0, len(items), n + 1).astype(int)
-        # Collate on this thread: fast tokenizers must not be called from two threads at once.
-        batches = [enc.collate(items[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        parts = list(self._pool.map(enc.encode, batches))
+        if self._pool is None or n < 2:
+            return enc.encode(batch).cpu().numpy()
+        parts = list(self._pool.map(enc.encode, _split(batch, min(self.workers, n))))
         return torch.cat(parts).cpu().numpy()
+
+
+def _rows(batch: Any) -> int:
+    return len(next(iter(batch.values())) if isinstance(batch, dict) else batch)
+
+
+def _split(batch: Any, n: int) -> list[Any]:
+    """``n`` row slices of a collated batch. A padded text batch keeps its padding: the attention
+    mask makes pooling ignore it, so slices give the rows the whole batch would."""
+    bounds = np.linspace(0, _rows(batch), n + 1).astype(int)
+    if isinstance(batch, dict):
+        return [{k: v[lo:hi] for k, v in batch.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [batch[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -1,7 +1,7 @@
 """Manifest column -> frozen encoder -> HDF5 store, streaming, resumable, with per-item errors.
 
-Decoding the next batch happens on a helper thread while the current batch is encoded, so file
-I/O and image transforms hide behind the forward pass; on the CPU the batch itself is encoded as
+Decoding happens ahead of the model, in DataLoader worker processes or one helper thread
+(encoders/loader.py), so file I/O and image transforms hide behind the forward pass; on the CPU the batch itself is encoded as
 parallel single-threaded slices (encoders/compute.py). Each batch is committed to the store before
 the next starts: kill -9 loses at most the batch in flight, and a rerun resumes there.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from encoders.compute import BatchEncoder
-from encoders.frozen import BadInput, FrozenEncoder
+from encoders.frozen import FrozenEncoder
+from encoders.loader import RowBatches, iter_batches, plan_decode_workers
 from encoders.manifest import Manifest
 from encoders.store import StoreWriter
 
@@ -45,6 +44,8 @@ class ExtractSummary:
     items_per_s: float
     reused: bool = False
     cpu_workers: int = 1  # slices each batch was encoded in (encoders/compute.py)
+    decode_workers: int = 0  # decode processes ahead of the model; 0 = one helper thread (encoders/loader.py)
+    compute_dtype: str = "fp32"  # what the encoder computed in (encoders/frozen.py)
     errors_csv: str | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -53,27 +54,14 @@ def store_path(out_dir: str | Path, dataset: str, column: str, encoder_slug: str
     return Path(out_dir) / dataset / f"{column}--{encoder_slug}.h5"
 
 
-def _load_rows(encoder: FrozenEncoder, raw, ids: list, static: dict, lo: int, hi: int):
-    """Decode rows [lo, hi): (kept ids, loaded items, errors as (row, id, reason))."""
-    keep_ids, items, errs = [], [], []
-    for row in range(lo, hi):
-        if row in static:
-            errs.append((row, ids[row], static[row]))
-            continue
-        try:
-            items.append(encoder.load_item(raw[row]))
-            keep_ids.append(ids[row])
-        except BadInput as exc:
-            errs.append((row, ids[row], str(exc)))
-    return keep_ids, items, errs
-
-
 def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str | Path, *,
             on_error: OnError = "skip", store_dtype: str = "float32", batch_size: int | None = None,
             overwrite: bool = False, progress: Progress | None = None,
-            cpu_workers: int | None = None) -> ExtractSummary:
+            cpu_workers: int | None = None, decode_workers: int | None = None) -> ExtractSummary:
     """``cpu_workers``: slices each batch is split into on the CPU (None = one per torch thread;
-    see encoders/compute.py). It changes speed, not results beyond float rounding."""
+    see encoders/compute.py). ``decode_workers``: processes decoding batches ahead of the model
+    (None = per device, 0 = one helper thread; see encoders/loader.py). Both change speed, not
+    results beyond float rounding."""
     kind = encoder.modality
     raw = manifest.values(column, kind)
     ids = manifest.frame["id"].tolist()
@@ -98,32 +86,30 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
         if w.complete:
             return _summary(w, manifest, column, total, start, time.perf_counter() - t0, 0, reused=True)
 
-        load = partial(_load_rows, encoder, raw, ids, static)
         encoded = 0
         bounds = [(lo, min(lo + bs, total)) for lo in range(start, total, bs)]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-decode") as pool, \
-                BatchEncoder(encoder, bs, cpu_workers) as encode:
-            pending = pool.submit(load, *bounds[0]) if bounds else None
-            for k, (lo, hi) in enumerate(bounds):
-                keep_ids, items, errs = pending.result()
-                if k + 1 < len(bounds):
-                    pending = pool.submit(load, *bounds[k + 1])
-                if errs and on_error == "fail":
-                    row, i, reason = errs[0]
+        workers = plan_decode_workers(encoder.device, kind, decode_workers)
+        batches = iter_batches(RowBatches(encoder, raw, ids, static, bounds), workers)
+        with BatchEncoder(encoder, bs, cpu_workers) as encode:
+            for b in batches:
+                if b.errors and on_error == "fail":
+                    row, i, reason = b.errors[0]
+                    batches.close()  # stop the decode workers before raising
                     raise ExtractionError(f"{manifest.path}: row {row}, id {i!r}, column {column!r}: {reason} "
                                           f"({w.n} rows before it are saved in {store}; rerun resumes there)")
-                emb = encode(items)
-                w.append(keep_ids, emb, rows_done=hi, errors=[(i, reason) for _, i, reason in errs])
-                encoded += len(keep_ids)
+                emb = encode(b.inputs)
+                w.append(b.ids, emb, rows_done=b.rows_done, errors=[(i, reason) for _, i, reason in b.errors])
+                encoded += len(b.ids)
                 if progress:
-                    progress(hi, total)
+                    progress(b.rows_done, total)
         seconds = time.perf_counter() - t0
         w.finish(seconds=seconds)
-        return _summary(w, manifest, column, total, start, seconds, encoded, cpu_workers=encode.workers)
+        return _summary(w, manifest, column, total, start, seconds, encoded, cpu_workers=encode.workers,
+                        decode_workers=workers)
 
 
 def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start: int, seconds: float,
-             encoded: int, reused: bool = False, cpu_workers: int = 1) -> ExtractSummary:
+             encoded: int, reused: bool = False, cpu_workers: int = 1, decode_workers: int = 0) -> ExtractSummary:
     f = w.f
     e = int(f.attrs["n_errors"])
     errors = list(zip(f["errors/ids"].asstr()[:e], f["errors/reasons"].asstr()[:e]))
@@ -137,5 +123,6 @@ def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start:
         store=str(w.path), dataset=manifest.name, modality=column, column=column, n=w.n, n_errors=e,
         dim=w.dim, dtype=w.dtype.name, rows_total=total, resumed_from=start, seconds=seconds,
         items_per_s=encoded / seconds if seconds > 0 and encoded else 0.0, reused=reused, cpu_workers=cpu_workers,
+        decode_workers=decode_workers, compute_dtype=str(f.attrs.get("compute_dtype", "fp32")),
         errors_csv=csv, errors=errors,
     )

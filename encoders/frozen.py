@@ -3,12 +3,21 @@
 Frozen by construction: the module is put in eval mode with ``requires_grad=False`` before anyone
 sees it, and ``encode`` runs under ``torch.inference_mode()``. Stage 2 may unfreeze later, but it
 does so on purpose through ``module``; extraction can never train an encoder by accident.
+
+Reduced precision (``dtype=bf16`` / ``fp16``) is done by casting once, not by autocast: the weights
+are cast when the encoder is built and every floating input when it enters ``encode``. Autocast
+re-casts each weight at every op; on this project's 2-core EPYC (AVX-512 BF16, ViT-B-32, batch
+32) that made bf16 *slower* than fp32 (13.2 vs 15.9 items/s) where weights cast once ran 36 items/s
+(issue 14). Norm layers keep float32 parameters: torch's mixed-dtype LayerNorm/GroupNorm/BatchNorm
+kernels then compute their statistics in float32 and return the input's dtype, with no extra copy
+(casting activations to float32 around each norm cost 9 % of the forward pass here). The pooled
+features leave the model, become float32 and are L2-normalised in float32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, Literal
 
@@ -37,6 +46,54 @@ def pick_device(name: str) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype an encoder computes in: the spec's, except bf16 on a CUDA GPU without bf16 (pre-Ampere),
+    which gets fp16 (same speed class there, 3 more mantissa bits; the store records what ran)."""
+    dtype = DTYPES[requested]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logging.getLogger(__name__).warning("%s has no bf16: computing in fp16 instead", torch.cuda.get_device_name(device))
+        return torch.float16
+    if dtype != torch.float32 and device.type == "cpu" and not _cpu_has_fast(dtype):
+        logging.getLogger(__name__).warning("this CPU has no native %s matmul: expect it to be slower than fp32", dtype)
+    return dtype
+
+
+def _cpu_has_fast(dtype: torch.dtype) -> bool:
+    ops = torch.ops.mkldnn
+    check = ops._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported
+    try:
+        return bool(check())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cast_for_inference(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast weights to ``dtype`` once; norm layers keep float32 parameters (see the module doc)."""
+    if dtype == torch.float32:
+        return module
+    module.to(dtype)
+    for sub in module.modules():
+        if isinstance(sub, NORMS):
+            sub.float()
+    return module
+
+
+def to_compute(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A collated batch (tensor, or dict of tensors) on ``device``; floating tensors in ``dtype``, ids untouched."""
+    if isinstance(batch, dict):
+        return {k: to_compute(v, device, dtype) for k, v in batch.items()}
+    if not isinstance(batch, torch.Tensor):
+        return batch
+    non_blocking = device.type == "cuda"  # pinned host memory -> the copy overlaps the previous batch's compute
+    if batch.is_floating_point():
+        return batch.to(device, dtype, non_blocking=non_blocking)
+    return batch.to(device, non_blocking=non_blocking)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -91,9 +148,13 @@ class FrozenEncoder(ABC):
     def forward(self, batch: Any) -> torch.Tensor:
         """Batch -> (B, D) features, before normalisation."""
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(self, "_compute_dtype", torch.float32)
+
     def encode(self, batch: Any) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            feats = self.forward(batch)  # (B, D)
+        with torch.inference_mode():
+            feats = self.forward(to_compute(batch, self.device, self.compute_dtype))  # (B, D)
         feats = feats.float()
         if self.spec.normalize:
             feats = torch.nn.functional.normalize(feats, dim=-1)
@@ -103,16 +164,13 @@ class FrozenEncoder(ABC):
         """Convenience for tests and search: raw items straight to (B, D) embeddings on the CPU."""
         return self.encode(self.collate([self.load_item(x) for x in items])).cpu()
 
-    def _autocast(self):
-        if self.spec.dtype == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _finish(self, module: nn.Module, origin: WeightsOrigin) -> None:
-        """Shared tail of every backend's constructor: freeze, place, fingerprint, probe dim."""
+        """Shared tail of every backend's constructor: freeze, place, fingerprint, cast, probe dim."""
         self.module = freeze(module).to(self.device)
         self.origin = origin
-        self.digest = weights_digest(self.module)
+        self.digest = weights_digest(self.module)  # of the weights as loaded, whatever they compute in
+        self._compute_dtype = resolve_dtype(self.spec.dtype, self.device)
+        cast_for_inference(self.module, self._compute_dtype)
         self.dim = int(self.encode(self.collate([self._probe_item()])).shape[-1])
 
     def layout(self) -> EncoderLayout:
@@ -134,5 +192,6 @@ class FrozenEncoder(ABC):
             "weights_digest": self.digest,
             "weights_source": self.source,
             "dim": self.dim,
+            "compute_dtype": {v: k for k, v in DTYPES.items()}[self.compute_dtype],
             "device": str(self.device),
         }

@@ -98,7 +98,7 @@ class HFEncoder(FrozenEncoder):
             if getattr(out, "pooler_output", None) is None:
                 raise ValueError(f"{self.spec.model} has no pooler output; use pooling=cls or pooling=mean")
             return out.pooler_output
-        hidden = out.last_hidden_state  # (B, T, H)
+        hidden = out.last_hidden_state.float()  # (B, T, H); pooled in fp32 whatever the compute dtype
         if self.spec.pooling == "cls":
             return hidden[:, 0]
         mask = batch.get("attention_mask")

@@ -51,7 +51,11 @@ class EncoderSpec(BaseModel):
         default="cls", description="hf only: how token states become one vector."
     )
     normalize: bool = Field(default=True, description="L2-normalise embeddings (cosine geometry).")
-    dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="Compute dtype (bf16 = autocast).")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Compute dtype: weights and inputs cast once, norms and the final L2 normalisation in fp32. "
+        "bf16 on a GPU without bf16 computes in fp16 (recorded as the store's compute_dtype).",
+    )
     device: str = Field(default="auto", description="'auto' picks cuda, then mps, then cpu.")
     batch_size: int = Field(default=64, ge=1, description="Items per forward pass.")
     seed: int = Field(default=0, description="Seed for random-init weights, so reruns are identical.")

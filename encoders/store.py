@@ -7,7 +7,7 @@ Layout::
     /errors/ids     (E,)   ids of manifest rows that produced no embedding
     /errors/reasons (E,)   why (missing file, corrupt image, empty text, duplicate id, ...)
     attrs: format_version, dataset, modality, encoder_spec, weights_digest, weights_origin, dim,
-           dtype, normalized, manifest_digest, library_versions (JSON), created, rows_done, n,
+           dtype, compute_dtype, normalized, manifest_digest, library_versions (JSON), created, rows_done, n,
            complete
 
 Why this shape: rows are appended one batch at a time and the file is flushed after each batch,
@@ -38,7 +38,9 @@ from encoders import disk
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 # Attributes that must match for a partial store to be continued rather than rebuilt.
-IDENTITY_ATTRS = ("encoder_spec", "weights_digest", "manifest_digest", "dtype", "dim", "normalized")
+IDENTITY_ATTRS = ("encoder_spec", "weights_digest", "manifest_digest", "dtype", "dim", "normalized", "compute_dtype")
+# What an identity attribute meant before it was recorded (stores written before compute_dtype existed ran fp32).
+IDENTITY_DEFAULTS = {"compute_dtype": "fp32"}
 
 
 class StoreError(RuntimeError):
@@ -63,6 +65,27 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# File descriptors a forked child (a DataLoader decode worker, encoders/loader.py) must not keep:
+# the lock's and the HDF5 file's. Both are flock-ed, and a child holding a copy would keep the store
+# locked after a kill -9 of the writer, so the rerun is refused ("locked", or HDF5's "unable to lock
+# file") until the orphaned workers notice their parent is gone.
+_PRIVATE_FDS: set[int] = set()
+
+
+def _drop_private_fds_in_child() -> None:
+    """Point the child's copies at /dev/null: its reference to the locked file is gone (flock holds
+    until the last one closes), and the numbers stay taken, so nothing else can be opened on them."""
+    if not _PRIVATE_FDS:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _PRIVATE_FDS:
+        os.dup2(null, fd)
+    os.close(null)
+
+
+os.register_at_fork(after_in_child=_drop_private_fds_in_child)
 
 
 class _Lock:
@@ -91,10 +114,12 @@ class _Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self.fd = fd
+        _PRIVATE_FDS.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+            _PRIVATE_FDS.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -114,6 +139,7 @@ class StoreWriter:
         self.overwrite = overwrite
         self._lock = _Lock(self.path)
         self.f: h5py.File | None = None
+        self._fd: int | None = None
         self.resumed_rows = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -129,6 +155,7 @@ class StoreWriter:
     def __exit__(self, *exc) -> None:
         try:
             if self.f is not None:
+                _PRIVATE_FDS.discard(self._fd)
                 self.f.close()
         finally:  # a close that fails (a full disk) must not keep the lock: the next run is ours too
             self.f = None
@@ -142,9 +169,10 @@ class StoreWriter:
                 # A file killed before its first flush is unreadable; it holds nothing to keep.
                 f = None
             if f is not None:
-                mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k)) != _plain(self.attrs.get(k))]
+                mismatch = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k, IDENTITY_DEFAULTS.get(k)))
+                            != _plain(self.attrs.get(k, IDENTITY_DEFAULTS.get(k)))]
                 if not mismatch:
-                    self.f = f
+                    self._adopt(f)
                     self._truncate_to_committed()
                     return
                 done = bool(f.attrs.get("complete", False))
@@ -178,7 +206,12 @@ class StoreWriter:
             f.attrs["n_errors"] = 0
             f.attrs["complete"] = False
         os.replace(tmp, self.path)  # a store either exists with its layout or not at all
-        self.f = h5py.File(self.path, "r+")
+        self._adopt(h5py.File(self.path, "r+"))
+
+    def _adopt(self, f: h5py.File) -> None:
+        self.f = f
+        self._fd = int(f.id.get_vfd_handle())  # the sec2 driver's file descriptor
+        _PRIVATE_FDS.add(self._fd)
 
     def _truncate_to_committed(self) -> None:
         """Drop rows a killed writer wrote after its last committed batch."""

@@ -268,6 +268,9 @@ def _check_inputs(encoder: FrozenEncoder, projector: nn.Module, train_data, val_
     if len(train_data) == 0:
         raise ValueError("training split is empty")
     trainable_prefixes(encoder, cfg.unfreeze, cfg.last_n)  # validates last_n
+    if cfg.unfreeze != "none" and encoder.compute_dtype != torch.float32:  # cast for inference (encoders/frozen.py)
+        raise ValueError(f"stage 2 trains float32 weights but {encoder.spec} computes in {encoder.compute_dtype}: "
+                         "load the encoder with dtype=fp32 and set bf16=true in the fine-tune config")
     task = TASKS[cfg.task]
     y_train = task.prepare(train_data.y, d_out).to(cfg.device)
     y_val = task.prepare(val_data.y, d_out).to(cfg.device) if val_data is not None else None

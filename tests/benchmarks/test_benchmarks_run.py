@@ -20,16 +20,17 @@ def _run(script: str, *args: str, tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     return json.loads(last)  # the last stdout line is the JSON object, nothing after it
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_extract_benchmark_runs(tmp_path):
-    r = _run("extract.py", "--images", "32", "--mem-sizes", "300,600", tmp_path=tmp_path)
-    t, m = r["throughput"], r["memory"]
+    r = _run("extract.py", "--images", "32", "--mem-sizes", "300,600", "--precision-images", "8", "--decode-images", "64",
+             "--rounds", "1", tmp_path=tmp_path)
+    t, m, p, d = r["throughput"], r["memory"], r["precision"], r["decode"]
     assert t["n_stored"] == t["n_images"] == 32 and t["n_errors"] == 0
     assert len(t["bare_items_per_s_passes"]) == len(t["flow_items_per_s_passes"]) == 3
     assert t["max_abs_diff_flow_vs_bare_embeddings"] < 1e-5  # the flow and the bare loop did the same work
@@ -39,6 +40,22 @@ def test_extract_benchmark_runs(tmp_path):
     assert t["torch_threads_after_flow"] == r["torch_threads"]
     assert [m["runs"][k]["n_store"] for k in ("300", "600")] == [300, 600]
     assert not m["runs"]["300"]["imported_prefect"]
+    # (c) bf16 really ran (the store says so) and stayed within cosine 0.999 of fp32; fp32 runs agree exactly
+    assert p["store_compute_dtype"] == "bf16" and p["min_cosine_bf16_vs_fp32"] >= 0.999
+    assert p["max_abs_diff_fp32_stores_vs_each_other"] < 1e-6 and p["flops_per_image"] > 4e9  # ViT-B-32: 5.9 GFLOP
+    assert set(p["items_per_s"]) == {"bare fp32", "bare bf16 autocast", "xmodal fp32", "xmodal fp32 cpu_workers=1",
+                                     "xmodal bf16", "xmodal bf16 cpu_workers=1"}
+    # (d) every worker count decoded every image (the rate counts the batches after the first)
+    assert set(d["items_per_s"]) == {"0", "1", "2", str(r["usable_cpus"])} and d["n_images"] == 64
+    assert r["gpu_plan"]["workers_needed"] >= 1
+
+
+@pytest.mark.timeout(900)
+def test_finetune_benchmark_runs(tmp_path):
+    r = _run("finetune.py", "--items", "4", "--batch", "4", "--epochs", "1", "--rounds", "1", tmp_path=tmp_path)
+    assert r["steps"] == {"bare": 1, "xmodal": 1}  # same schedule on both sides
+    assert r["flops_per_step"] > 4 * 5.8e9  # at least the forward pass of 4 ViT-B-32 images
+    assert set(r["ratio_xmodal_over_bare"]) == {"fp32", "bf16"} and len(r["steps_per_s_rounds"]["xmodal bf16"]) == 1
 
 
 @pytest.mark.timeout(600)  # its fixed N=50k baseline fits take minutes on a loaded 2-core machine
