@@ -125,7 +125,8 @@ def _store_complete(path: str) -> bool:
 
 
 @task(name="extract-store", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
-      cache_key_fn=extraction_cache_key, persist_result=True)
+      cache_key_fn=extraction_cache_key, persist_result=True,
+      result_serializer="json")  # the cached summary is plain data: no pickle written or read (cloudpickle is the default)
 def extract_store(params: ExtractParams) -> dict:
     if params.shards > 1:  # the cache key and retries above cover the sharded path too: same inputs, same store
         return extract_sharded.with_options(task_runner=dask_task_runner(params))(params)
