@@ -8,6 +8,8 @@
     Runs alternate (bare, trainer, trainer, bare, ...) so background load hits both alike; best
     of R. On a shared machine load swings wildly: trust the best-of ratio, not single runs.
 (b) wall time to fit each closed-form baseline at N=50k, D=512.
+(0) first, that the comparison is fair: with a constant LR, no weight decay and no clipping the
+    trainer ends with exactly the bare loop's weights (same steps, same maths).
 
 Prints figures, then a LAST line holding one JSON object.
 usage: python benchmarks/align.py [--repeats 8] [--budget-s 100] [--n 20000] [--epochs 2]
@@ -27,17 +29,19 @@ from projection.baselines import ProcrustesBaseline, RidgeBaseline
 from projection.config import LossConfig, ProjectorConfig, TrainConfig
 from projection.data import InMemoryPairs
 from projection.losses import build_loss
+from projection.loop import epoch_seed
 from projection.projector import make_projector
 from projection.train import train_projector
 
 
-def bare_loop(model, x, y, batch_size: int, epochs: int, lr: float, seed: int, fused: bool, clip: float | None) -> None:
-    """The reference: what one would write by hand, nothing else."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
+def bare_loop(model, x, y, batch_size: int, epochs: int, lr: float, seed: int, fused: bool, clip: float | None,
+              weight_decay: float = 0.01) -> None:
+    """The reference: what one would write by hand, nothing else (shuffled with the trainer's seeds)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, weight_decay=weight_decay)
     params = list(model.parameters())
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         for s in range(0, x.shape[0], batch_size):
             idx = perm[s : s + batch_size]
             loss = F.mse_loss(model(x[idx]), y[idx])
@@ -52,6 +56,22 @@ def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def same_maths(n: int = 2048, d: int = 64, batch: int = 64) -> dict:
+    """Does the ratio compare equal work? With a constant LR, no weight decay and no clipping, the
+    trainer must end with exactly the bare loop's weights after the same number of steps."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    y = torch.tanh(x @ torch.randn(d, d, generator=g) / d**0.5)
+    pcfg = ProjectorConfig(kind="mlp", d_in=d, d_out=d, hidden=2 * d)
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=1e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
+                      grad_clip=None, patience=None, seed=0)
+    ours, bare = make_projector(pcfg, 0), make_projector(pcfg, 0)
+    res = train_projector(ours, build_loss(LossConfig()), InMemoryPairs(x, y), None, cfg)
+    bare_loop(bare, x, y, batch, cfg.epochs, cfg.lr, cfg.seed, True, None, weight_decay=0.0)
+    same = all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), bare.state_dict().values()))
+    return {"same_weights_as_bare_loop": same, "trainer_steps": res.steps, "bare_steps": cfg.epochs * (n // batch)}
 
 
 def bench_training(n: int, d_src: int, d_tgt: int, hidden: int, batch: int, epochs: int, repeats: int, budget_s: float) -> dict:
@@ -124,6 +144,9 @@ def main() -> None:
     args = ap.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, threads={threads}")
+    check = same_maths()
+    print(f"(0) same maths as the bare loop (constant LR, no decay, no clipping): identical weights "
+          f"{check['same_weights_as_bare_loop']} after {check['trainer_steps']} vs {check['bare_steps']} steps")
     print("(a) stage-1 training throughput, MLP 512->1024->512, batch 256")
     train = bench_training(args.n, 512, 512, 1024, 256, args.epochs, args.repeats, args.budget_s)
     print(
@@ -133,7 +156,7 @@ def main() -> None:
     )
     print("(b) closed-form baselines")
     base = bench_baselines(50_000, 512)
-    print(json.dumps({"torch_threads": threads, **train, **base}))
+    print(json.dumps({"torch_threads": threads, **check, **train, **base}))
 
 
 if __name__ == "__main__":

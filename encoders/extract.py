@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,21 @@ def store_path(out_dir: str | Path, dataset: str, column: str, encoder_slug: str
     return Path(out_dir) / dataset / f"{column}--{encoder_slug}.h5"
 
 
+def _load_rows(encoder: FrozenEncoder, raw, ids: list, static: dict, lo: int, hi: int):
+    """Decode rows [lo, hi): (kept ids, loaded items, errors as (row, id, reason))."""
+    keep_ids, items, errs = [], [], []
+    for row in range(lo, hi):
+        if row in static:
+            errs.append((row, ids[row], static[row]))
+            continue
+        try:
+            items.append(encoder.load_item(raw[row]))
+            keep_ids.append(ids[row])
+        except BadInput as exc:
+            errs.append((row, ids[row], str(exc)))
+    return keep_ids, items, errs
+
+
 def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str | Path, *,
             on_error: OnError = "skip", store_dtype: str = "float32", batch_size: int | None = None,
             overwrite: bool = False, progress: Progress | None = None,
@@ -82,20 +98,7 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
         if w.complete:
             return _summary(w, manifest, column, total, start, time.perf_counter() - t0, 0, reused=True)
 
-        def load(lo: int, hi: int):
-            """Decode rows [lo, hi): (kept ids, loaded items, errors as (row, id, reason))."""
-            keep_ids, items, errs = [], [], []
-            for row in range(lo, hi):
-                if row in static:
-                    errs.append((row, ids[row], static[row]))
-                    continue
-                try:
-                    items.append(encoder.load_item(raw[row]))
-                    keep_ids.append(ids[row])
-                except BadInput as exc:
-                    errs.append((row, ids[row], str(exc)))
-            return keep_ids, items, errs
-
+        load = partial(_load_rows, encoder, raw, ids, static)
         encoded = 0
         bounds = [(lo, min(lo + bs, total)) for lo in range(start, total, bs)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-decode") as pool, \

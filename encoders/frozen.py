@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from encoders.layout import EncoderLayout
 from encoders.spec import EncoderSpec
 
 WeightsOrigin = Literal["pretrained", "checkpoint", "random-init"]
@@ -111,14 +112,17 @@ class FrozenEncoder(ABC):
         self.digest = weights_digest(self.module)
         self.dim = int(self.encode(self.collate([self._probe_item()])).shape[-1])
 
+    def layout(self) -> EncoderLayout:
+        """Blocks, post-block layers and tower by name (``encoders.layout``): what stage 2 unfreezes.
+
+        Each backend that supports partial fine-tuning overrides this (open_clip, hf, timm).
+        """
+        raise ValueError(f"{self.spec.backend} encoders do not describe their blocks yet ({self.spec}); "
+                         "fine-tune them with unfreeze='none'")
+
     @abstractmethod
     def _probe_item(self) -> Any:
         """A valid dummy item, used once to learn the output dimension."""
-
-    def layout(self) -> dict[str, list[str]] | None:
-        """Stage 2's unfreeze map (blocks, post, tower, exclude: names under ``module``), for
-        backends that know their own structure; None lets stage 2 find it by name."""
-        return None
 
     def describe(self) -> dict[str, Any]:
         return {

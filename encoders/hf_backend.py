@@ -14,6 +14,7 @@ from PIL import Image
 
 from encoders.frozen import EncoderUnavailable, FrozenEncoder, pick_device
 from encoders.images import load_rgb
+from encoders.layout import EncoderLayout, hf_layout
 from encoders.open_clip_backend import _check_text
 from encoders.spec import EncoderSpec
 
@@ -105,6 +106,12 @@ class HFEncoder(FrozenEncoder):
             return hidden.mean(dim=1)
         mask = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def layout(self) -> EncoderLayout:
+        """The block stack found by name (BERT ``encoder.layer``, ViT ``layers``, GPT ``h``, ...), the final
+        norm beside it, and the pooler only when ``pooling=pooler`` uses it (else it never trains)."""
+        blocks, post, exclude = hf_layout(self.module, "", self.spec.pooling, str(self.spec))
+        return EncoderLayout(blocks, post, [""], exclude)
 
     def _probe_item(self) -> Any:
         if self.spec.tower == "text":

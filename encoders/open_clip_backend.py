@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from encoders.frozen import BadInput, EncoderUnavailable, FrozenEncoder, WeightsOrigin, pick_device
 from encoders.images import load_rgb
+from encoders.layout import EncoderLayout, children, first_present, hf_layout, module_at, timm_layout
 from encoders.spec import EncoderSpec
 
 
@@ -118,12 +120,44 @@ class OpenClipEncoder(FrozenEncoder):
             return self.module.encode_image(batch)
         return self.module.encode_text(batch)
 
+    def layout(self) -> EncoderLayout:
+        """Image: ViT, ModifiedResNet or a timm trunk under ``visual``; text: CLIP's top-level text tower or
+        a ``text`` submodule (CustomTextCLIP / CoCa, incl. an HF text model)."""
+        if self.spec.tower == "image":
+            return _image_layout(self.module, str(self.spec))
+        m = self.module
+        if hasattr(m, "text"):  # CustomTextCLIP / CoCa: the text tower is a submodule
+            if isinstance(module_at(m, "text.transformer.resblocks"), nn.ModuleList):
+                return EncoderLayout(children(m, "text.transformer.resblocks"),
+                                     first_present(m, ["text.ln_final", "text.text_projection"]), ["text"])
+            if isinstance(getattr(m.text, "transformer", None), nn.Module):  # open_clip HFTextEncoder
+                blocks, post, exclude = hf_layout(m, "text.transformer", "cls", str(self.spec))
+                return EncoderLayout(blocks, post + first_present(m, ["text.proj", "text.pooler"]), ["text"], exclude)
+            raise ValueError(f"cannot find the blocks of open_clip text tower {type(m.text).__name__} ({self.spec})")
+        # classic CLIP: the text tower's parameters live at the top level, beside `visual`
+        tower = [n for n, _ in m.named_children() if n != "visual"]
+        tower += [n for n, _ in m.named_parameters(recurse=False) if n not in ("logit_scale", "logit_bias")]
+        return EncoderLayout(children(m, "transformer.resblocks"), first_present(m, ["ln_final", "text_projection"]), tower)
+
     def _probe_item(self) -> Any:
         if self.spec.tower == "text":
             return "a probe"
         size = self.module.visual.image_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
         return torch.zeros(3, *size)
+
+
+def _image_layout(m: nn.Module, what: str) -> EncoderLayout:
+    v = m.visual
+    if isinstance(module_at(v, "transformer.resblocks"), nn.ModuleList):  # open_clip VisionTransformer
+        post = first_present(m, ["visual.attn_pool", "visual.attn_pool_contrastive", "visual.ln_post", "visual.proj"])
+        return EncoderLayout(children(m, "visual.transformer.resblocks"), post, ["visual"])
+    if all(hasattr(v, f"layer{i}") for i in range(1, 5)):  # ModifiedResNet
+        return EncoderLayout([f"visual.layer{i}" for i in range(1, 5)], first_present(m, ["visual.attnpool"]), ["visual"])
+    if hasattr(v, "trunk"):  # TimmModel
+        blocks, post = timm_layout(m, "visual.trunk", what)
+        return EncoderLayout(blocks, post + first_present(m, ["visual.head"]), ["visual"])
+    raise ValueError(f"cannot find the blocks of open_clip visual tower {type(v).__name__} ({what})")
 
 
 def _check_text(raw: Any) -> str:

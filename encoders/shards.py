@@ -141,26 +141,10 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
     return {k: _plain(v) for k, v in f.attrs.items()}
 
 
-def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dict[str, Any], *,
-                 block_rows: int | None = None) -> dict[str, Any]:
-    """Copy complete shard stores, in the order given, into one store at ``out_path``; returns its attrs.
-
-    A consolidated copy rather than an HDF5 virtual dataset: a VDS keeps pointing at the shard
-    files by path, so moving or copying the store (or deleting the shard folder) would silently
-    break it, and readers would pay the VDS mapping on every read. A copy costs one extra pass
-    over the embeddings, once, and yields a plain store indistinguishable from a single-process
-    one (same layout, chunking and resumable/maxshape datasets).
-
-    ``attrs``: attributes for the merged store, laid over the shards' common ones; pass at least
-    ``manifest_digest`` of the FULL manifest (the shards carry per-shard digests). The counters
-    (``n``, ``n_errors``, ``rows_done``) are summed from the shards, ``complete`` is True and
-    ``shards`` is the number of shards. Memory stays at one block of rows (``block_rows``; by
-    default about 32 MiB of embeddings). The file appears atomically (tmp + ``os.replace``) under
-    the store's writer lock, so a reader never sees half a merge and no writer races it.
-    """
+def _read_shards(shard_paths: list[str | Path]) -> list[tuple[Path, dict[str, Any], dict]]:
+    """(path, attrs, chunk shapes) of each shard; StoreError unless all are complete and alike."""
     if not shard_paths:
         raise ValueError("merge_shards needs at least one shard")
-    out_path = Path(out_path)
     infos = []
     for p in shard_paths:
         try:
@@ -178,6 +162,48 @@ def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dic
         if diff:
             raise StoreError(f"shard {p} differs from shard {infos[0][0]} in {', '.join(diff)}: "
                              "shards of one store must come from one encoder and dtype")
+    return infos
+
+
+def _copy_rows(infos, targets, block_rows: int) -> None:
+    """Shard rows (ids, embeddings, error ids and reasons), in order, into the merged datasets, a block at a time."""
+    ids, emb, err_ids, err_why = targets
+    at, et = 0, 0
+    for p, a, _ in infos:
+        sn, se = int(a["n"]), int(a["n_errors"])
+        with h5py.File(p, "r") as f:
+            for lo in range(0, sn, block_rows):
+                hi = min(lo + block_rows, sn)
+                ids[at + lo:at + hi] = f["ids"].asstr()[lo:hi].astype(object)
+                emb[at + lo:at + hi] = f["embeddings"][lo:hi]
+            for lo in range(0, se, block_rows):
+                hi = min(lo + block_rows, se)
+                err_ids[et + lo:et + hi] = f["errors/ids"].asstr()[lo:hi].astype(object)
+                err_why[et + lo:et + hi] = f["errors/reasons"].asstr()[lo:hi].astype(object)
+        at += sn
+        et += se
+
+
+def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dict[str, Any], *,
+                 block_rows: int | None = None) -> dict[str, Any]:
+    """Copy complete shard stores, in the order given, into one store at ``out_path``; returns its attrs.
+
+    A consolidated copy rather than an HDF5 virtual dataset: a VDS keeps pointing at the shard
+    files by path, so moving or copying the store (or deleting the shard folder) would silently
+    break it, and readers would pay the VDS mapping on every read. A copy costs one extra pass
+    over the embeddings, once, and yields a plain store indistinguishable from a single-process
+    one (same layout, chunking and resumable/maxshape datasets).
+
+    ``attrs``: attributes for the merged store, laid over the shards' common ones; pass at least
+    ``manifest_digest`` of the FULL manifest (the shards carry per-shard digests). The counters
+    (``n``, ``n_errors``, ``rows_done``) are summed from the shards, ``complete`` is True and
+    ``shards`` is the number of shards. Memory stays at one block of rows (``block_rows``; by
+    default about 32 MiB of embeddings). The file appears atomically (tmp + ``os.replace``) under
+    the store's writer lock, so a reader never sees half a merge and no writer races it.
+    """
+    out_path = Path(out_path)
+    infos = _read_shards(shard_paths)
+    first = infos[0][1]
     dim, dtype = int(first["dim"]), np.dtype(first["dtype"])
     chunks = infos[0][2]
     n = sum(int(a["n"]) for _, a, _ in infos)
@@ -204,20 +230,7 @@ def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dic
             err_ids = grp.create_dataset("ids", shape=(e,), maxshape=(None,), dtype=STR, chunks=chunks["errors/ids"] or (256,))
             err_why = grp.create_dataset("reasons", shape=(e,), maxshape=(None,), dtype=STR,
                                          chunks=chunks["errors/reasons"] or (256,))
-            at, et = 0, 0
-            for p, a, _ in infos:
-                sn, se = int(a["n"]), int(a["n_errors"])
-                with h5py.File(p, "r") as f:
-                    for lo in range(0, sn, block_rows):
-                        hi = min(lo + block_rows, sn)
-                        ids[at + lo:at + hi] = f["ids"].asstr()[lo:hi].astype(object)
-                        emb[at + lo:at + hi] = f["embeddings"][lo:hi]
-                    for lo in range(0, se, block_rows):
-                        hi = min(lo + block_rows, se)
-                        err_ids[et + lo:et + hi] = f["errors/ids"].asstr()[lo:hi].astype(object)
-                        err_why[et + lo:et + hi] = f["errors/reasons"].asstr()[lo:hi].astype(object)
-                at += sn
-                et += se
+            _copy_rows(infos, (ids, emb, err_ids, err_why), block_rows)
             for k, v in merged.items():
                 g.attrs[k] = _attr(v)
         os.replace(tmp, out_path)

@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders.frozen import EncoderUnavailable, FrozenEncoder, WeightsOrigin, pick_device
 from encoders.images import load_rgb
+from encoders.layout import EncoderLayout
 from encoders.spec import EncoderSpec
 from encoders.timm_packaged import PACKAGED, packaged_weights
 
@@ -141,7 +142,7 @@ class TimmEncoder(FrozenEncoder):
     def _probe_item(self) -> Any:
         return torch.zeros(self.data_config["input_size"])
 
-    def layout(self) -> dict[str, list[str]]:
+    def layout(self) -> EncoderLayout:
         """What stage 2 unfreezes, by name: the block stack (``blocks``/``stages``/``layers``, or
         ResNet's ``layer1..4``), the parts after it (head conv, final norm), and the classifier,
         which the pre-logits embedding never uses (kept out of training)."""
@@ -158,4 +159,4 @@ class TimmEncoder(FrozenEncoder):
         after = children[children.index(last) + 1:]
         post = [n for n in after if any(True for _ in getattr(m, n).parameters())]
         exclude = [c for c in _classifier_names(m) if any(True for _ in m.get_submodule(c).parameters())]
-        return {"blocks": blocks, "post": post, "tower": [""], "exclude": exclude}
+        return EncoderLayout(blocks, post, [""], exclude)

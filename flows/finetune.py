@@ -32,7 +32,8 @@ from flows.extract import _key
 from projection.config import SplitConfig
 from projection.data import load_split, make_split
 from projection.finetune import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
-                                 frozen_head_baseline, save_finetuned, trainable_prefixes)
+                                 frozen_head_baseline, trainable_prefixes)
+from projection.finetune_io import save_finetuned
 from projection.finetune_config import FinetuneConfig
 from projection.metrics import alignment_metrics
 from projection.projector import load_projector

@@ -18,6 +18,9 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from projection.checkpoint import tensor_digest
+from projection.loop import MIN_BATCH, batch_indices, num_batches
+
 SPLITS = ("train", "val", "test")
 
 
@@ -172,12 +175,16 @@ class InMemoryPairs:
         return InMemoryPairs(self.x[idx], self.y[idx], ids, self.source_name, self.target_name)
 
     def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
+        return num_batches(len(self), batch_size)
+
+    def digest(self) -> str:
+        return tensor_digest(self.x, self.y)
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled when a generator is given, sequential otherwise. Data are moved once per device."""
+        """Shuffled by the loop's last-batch rule when a generator is given (training), every row in
+        order otherwise (evaluation). Data are moved once per device."""
         key = str(device)
         if key not in self._on_device:
             self._on_device[key] = (self.x.to(device), self.y.to(device))
@@ -187,9 +194,8 @@ class InMemoryPairs:
             for s in range(0, n, batch_size):
                 yield x[s : s + batch_size], y[s : s + batch_size]
             return
-        perm = torch.randperm(n, generator=generator).to(x.device)
-        for s in range(0, n, batch_size):
-            idx = perm[s : s + batch_size]
+        for idx in batch_indices(n, batch_size, generator):
+            idx = idx.to(x.device)
             yield x[idx], y[idx]  # (B, D_src), (B, D_tgt)
 
 
@@ -267,7 +273,14 @@ class ChunkedPairs:
         _check_dims(self.d_in, self.d_out, d_in, d_out, self.source_name, self.target_name)
 
     def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
+        return num_batches(len(self), batch_size)
+
+    def digest(self) -> str:
+        """One pass over the rows (only when a checkpoint needs it): resuming on other data is refused."""
+        h = hashlib.sha256()
+        for start, stop in self.chunks:
+            h.update(tensor_digest(*self._read(start, stop)).encode())
+        return h.hexdigest()
 
     def _read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.reader.read_rows(start, stop)
@@ -300,5 +313,5 @@ class ChunkedPairs:
             for s in range(0, n_full, batch_size):
                 yield x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
             carry_x, carry_y = (x[n_full:], y[n_full:]) if n_full < x.shape[0] else (None, None)
-        if carry_x is not None:
-            yield carry_x.to(device), carry_y.to(device)
+        if carry_x is not None and (len(carry_x) >= MIN_BATCH or generator is None or len(self) < batch_size):
+            yield carry_x.to(device), carry_y.to(device)  # the last-batch rule of projection.loop

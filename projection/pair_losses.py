@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from projection.pair_geometry import check_pair, pair_labels, pairwise_dist, pairwise_sq_dist, safe_sqrt
+from projection.queue_loss import MemoryQueue, QueueInfoNCELoss
+
 __all__ = [
     "NTXentLoss",
     "ContrastiveLoss",
@@ -38,50 +41,21 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- helpers
+class _BatchPairLoss(nn.Module):
+    """``forward(features_a, features_b, labels=None)``: both (N, D), checked alike; ``batch_loss`` is the formula."""
 
+    def forward(self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_pair(features_a, features_b)
+        return self.batch_loss(features_a, features_b, labels)
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("features_a", "features_b")) -> None:
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"{names[0]} and {names[1]} must be 2-D (N, D); got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def _labels(labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    """labels (N,) if given, else arange(N): each row is its own class."""
-    if labels is None:
-        return torch.arange(n, device=device)
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    return labels.to(device)
-
-
-def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
-    """sqrt that is exact for sq > 0 and has gradient 0 (not inf/NaN) at sq == 0."""
-    zero = sq <= 0
-    return torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)) * (~zero)
-
-
-def _pairwise_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||x_i - y_j||^2 for x (N, D), y (M, D) -> (N, M), via the Gram expansion (O(NM) memory)."""
-    sq = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(0) - 2.0 * x @ y.T  # (N, M)
-    return sq.clamp_min(0.0)
-
-
-def _pairwise_dist(x: torch.Tensor, y: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
-    """(N, M) distance matrix: euclidean ||x_i - y_j|| or cosine 1 - cos(x_i, y_j)."""
-    if distance == "euclidean":
-        return _safe_sqrt(_pairwise_sq_dist(x, y))
-    if distance == "cosine":
-        return 1.0 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
-    raise ValueError(f"unknown distance {distance!r}; choose 'euclidean' or 'cosine'")
+    def batch_loss(self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- NT-Xent
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_BatchPairLoss):
     """SimCLR's NT-Xent (normalised temperature-scaled cross entropy), Chen et al. 2020.
 
     When: two augmented *views of the same modality* (or two encoders' outputs that you
@@ -105,10 +79,7 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
-    def forward(
-        self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        _check_pair(features_a, features_b)
+    def batch_loss(self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         n = features_a.shape[0]
         z = F.normalize(torch.cat([features_a, features_b]), dim=-1)  # (2N, D)
         logits = z @ z.T / self.temperature  # (2N, 2N)
@@ -118,7 +89,7 @@ class NTXentLoss(nn.Module):
             # Plain NT-Xent: one positive per row, the other view.
             targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # (2N,)
             return F.cross_entropy(logits, targets)
-        lab = _labels(labels, n, z.device).repeat(2)  # (2N,)
+        lab = pair_labels(labels, n, z.device).repeat(2)  # (2N,)
         pos = (lab[:, None] == lab[None, :]) & ~self_mask  # (2N, 2N); never empty: i's other view
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (2N, 2N), -inf on diagonal
         log_prob = log_prob.masked_fill(~pos, 0.0)  # drop diagonal -inf before summing
@@ -156,17 +127,12 @@ class ContrastiveLoss(nn.Module):
         self.margin = float(margin)
 
     def _terms(self, sq_dist: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        dist = _safe_sqrt(sq_dist)
+        dist = safe_sqrt(sq_dist)
         return torch.where(same, sq_dist, F.relu(self.margin - dist).pow(2))
 
-    def forward(
-        self,
-        features_a: torch.Tensor,
-        features_b: torch.Tensor,
-        same: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        _check_pair(features_a, features_b)
+    def forward(self, features_a: torch.Tensor, features_b: torch.Tensor, same: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_pair(features_a, features_b)
         n = features_a.shape[0]
         if same is not None:
             if labels is not None:
@@ -175,9 +141,9 @@ class ContrastiveLoss(nn.Module):
                 raise ValueError(f"same must have shape ({n},), got {tuple(same.shape)}")
             sq = (features_a - features_b).pow(2).sum(-1)  # (N,)
             return self._terms(sq, same.to(device=sq.device, dtype=torch.bool)).mean()
-        lab = _labels(labels, n, features_a.device)
+        lab = pair_labels(labels, n, features_a.device)
         same_mat = lab[:, None] == lab[None, :]  # (N, N), diagonal True
-        sq = _pairwise_sq_dist(features_a, features_b)  # (N, N)
+        sq = pairwise_sq_dist(features_a, features_b)  # (N, N)
         return self._terms(sq, same_mat).mean()
 
 
@@ -225,18 +191,13 @@ class TripletLoss(nn.Module):
         self.mining = mining
         self.distance = distance
 
-    def forward(
-        self,
-        anchor: torch.Tensor,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        _check_pair(anchor, positive, ("anchor", "positive"))
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_pair(anchor, positive, ("anchor", "positive"))
         if negative is not None:
             if labels is not None:
                 raise ValueError("labels are only used for in-batch mining; not with explicit negatives")
-            _check_pair(anchor, negative, ("anchor", "negative"))
+            check_pair(anchor, negative, ("anchor", "negative"))
             if self.distance == "euclidean":
                 return F.triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=2)
             return F.triplet_margin_with_distance_loss(
@@ -247,8 +208,8 @@ class TripletLoss(nn.Module):
 
     def _mined(self, anchor: torch.Tensor, positive: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         n = anchor.shape[0]
-        dist = _pairwise_dist(anchor, positive, self.distance)  # (N, N): d(anchor_i, positive_j)
-        lab = _labels(labels, n, anchor.device)
+        dist = pairwise_dist(anchor, positive, self.distance)  # (N, N): d(anchor_i, positive_j)
+        lab = pair_labels(labels, n, anchor.device)
         pos = lab[:, None] == lab[None, :]  # (N, N), diagonal always True
         neg = ~pos  # (N, N)
         has_neg = neg.any(1)  # (N,)
@@ -284,7 +245,7 @@ class TripletLoss(nn.Module):
 # ----------------------------------------------------------------------------- N-pair
 
 
-class NPairLoss(nn.Module):
+class NPairLoss(_BatchPairLoss):
     """Multi-class N-pair loss (Sohn, NeurIPS 2016).
 
     When: the batch is N (anchor, positive) pairs of N distinct classes and you want each
@@ -305,16 +266,13 @@ class NPairLoss(nn.Module):
         super().__init__()
         self.l2_reg = float(l2_reg)
 
-    def forward(
-        self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        _check_pair(features_a, features_b)
+    def batch_loss(self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         n = features_a.shape[0]
         logits = features_a @ features_b.T  # (N, N): a_i . p_j
         if labels is None:
             loss = F.cross_entropy(logits, torch.arange(n, device=logits.device))
         else:
-            lab = _labels(labels, n, logits.device)
+            lab = pair_labels(labels, n, logits.device)
             same = (lab[:, None] == lab[None, :]).to(logits.dtype)  # (N, N)
             loss = F.cross_entropy(logits, same / same.sum(1, keepdim=True))
         if self.l2_reg:
@@ -326,7 +284,7 @@ class NPairLoss(nn.Module):
 # ----------------------------------------------------------------------------- lifted
 
 
-class LiftedStructuredLoss(nn.Module):
+class LiftedStructuredLoss(_BatchPairLoss):
     """Smooth lifted structured embedding loss (Song, Xiang, Jegelka & Savarese, CVPR 2016).
 
     When: you want every positive pair in the batch to be pushed past *all* of its
@@ -348,14 +306,11 @@ class LiftedStructuredLoss(nn.Module):
         super().__init__()
         self.margin = float(margin)
 
-    def forward(
-        self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        _check_pair(features_a, features_b)
+    def batch_loss(self, features_a: torch.Tensor, features_b: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         n = features_a.shape[0]
         x = torch.cat([features_a, features_b])  # (2N, D)
-        lab = _labels(labels, n, x.device).repeat(2)  # (2N,)
-        dist = _pairwise_dist(x, x)  # (2N, 2N)
+        lab = pair_labels(labels, n, x.device).repeat(2)  # (2N,)
+        dist = pairwise_dist(x, x)  # (2N, 2N)
         same = lab[:, None] == lab[None, :]  # (2N, 2N)
         neg = ~same
         # Per-row soft-max over negatives: s_i = log sum_{k in N(i)} exp(m - D_ik)   (2N,)
@@ -369,93 +324,6 @@ class LiftedStructuredLoss(nn.Module):
             return dist.sum() * 0.0
         J = torch.logaddexp(s[i], s[j]) + dist[i, j]  # (|P|,)
         return F.relu(J).pow(2).sum() / (2 * i.numel())
-
-
-# ----------------------------------------------------------------------------- MoCo queue
-
-
-class MemoryQueue(nn.Module):
-    """FIFO of the last K key embeddings (MoCo, He et al. 2020), used as extra negatives.
-
-    When: batches are small (big models, few GPUs) so in-batch negatives are too few; the
-    queue supplies K >> N negatives from recent steps at no extra encoder cost. Keys are
-    stored detached (no gradient through old steps). Buffers move with `.to()` and are
-    saved in `state_dict`. Any batch size works: writes wrap around modulo K (MoCo needs
-    K % N == 0; this does not). A batch larger than K keeps only its last K rows.
-    """
-
-    def __init__(self, queue_size: int, dim: int):
-        super().__init__()
-        if queue_size < 1 or dim < 1:
-            raise ValueError(f"queue_size and dim must be >= 1, got {queue_size} and {dim}")
-        self.queue_size = int(queue_size)
-        self.dim = int(dim)
-        self.register_buffer("queue", torch.zeros(self.queue_size, self.dim))  # (K, D)
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to write
-        self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))  # valid rows, <= K
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (B, D) at ptr, ptr+1, ... (mod K), overwriting the oldest entries."""
-        if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
-        keys = keys.detach()[-self.queue_size :].to(self.queue.dtype)  # (B', D), B' <= K
-        b = keys.shape[0]
-        idx = (self.ptr + torch.arange(b, device=self.queue.device)) % self.queue_size  # (B',)
-        self.queue[idx] = keys.to(self.queue.device)
-        self.ptr.copy_((self.ptr + b) % self.queue_size)
-        self.num_filled.copy_(torch.clamp(self.num_filled + b, max=self.queue_size))
-
-    def negatives(self) -> torch.Tensor:
-        """A copy of the valid keys (M, D), M = min(#enqueued, K) (rows [0, M) until the first wrap).
-
-        A copy, not a view: a loss built on it must survive a later in-place `enqueue`
-        before `backward()` (autograd would otherwise fail with a version-counter error).
-        """
-        return self.queue[: int(self.num_filled)].clone()
-
-    def __len__(self) -> int:
-        return int(self.num_filled)
-
-
-class QueueInfoNCELoss(nn.Module):
-    """InfoNCE against a MoCo memory queue of past keys (He et al. 2020).
-
-    When: small batches. Each query's only positive is its own key; its negatives are the
-    M <= K queued keys from earlier steps (no in-batch negatives, as in MoCo). Query and key
-    are L2-normalised; with q = norm(query_i), k = norm(key_i), Q the queue (M, D):
-
-        logits_i = [q . k, q . Q_1, ..., q . Q_M] / T          (1 + M,)
-        loss = 1/N sum_i -log softmax(logits_i)_0
-        then enqueue(k)   (only in training mode, so evaluation does not pollute the queue)
-
-    On the very first step the queue is empty and the loss is exactly 0. Gradients flow
-    into both query and key through q . k; in MoCo the key comes from a momentum encoder
-    under `torch.no_grad()`, which the caller controls.
-    """
-
-    def __init__(self, temperature: float = 0.07, queue_size: int = 4096, dim: int | None = None):
-        super().__init__()
-        if dim is None:
-            raise TypeError("QueueInfoNCELoss needs `dim`, the embedding size of the queued keys")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.queue = MemoryQueue(queue_size, dim)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        _check_pair(query, key, ("query", "key"))
-        q = F.normalize(query, dim=-1)  # (N, D)
-        k = F.normalize(key, dim=-1)  # (N, D)
-        negatives = self.queue.negatives().to(q.dtype)  # (M, D), snapshot before this step's keys
-        l_pos = (q * k).sum(-1, keepdim=True)  # (N, 1)
-        l_neg = q @ negatives.T  # (N, M)
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature  # (N, 1 + M)
-        targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # positive is column 0
-        loss = F.cross_entropy(logits, targets)
-        if self.training:
-            self.queue.enqueue(k)
-        return loss
 
 
 # ----------------------------------------------------------------------------- registry

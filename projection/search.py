@@ -96,6 +96,55 @@ def _largest(keys: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(keys, n - k, axis=1)[:, n - k:]
 
 
+def _unit_queries(queries: np.ndarray, store: EmbeddingStore, k: int, chunk_rows: int) -> np.ndarray:
+    """Checked, L2-normalised (Q, D) float32 queries; ValueError naming the store for anything unusable."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"empty query: expected a (Q, D) array of query embeddings with Q >= 1, got shape "
+                         f"{np.shape(queries)} (searching store {store.path})")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got k={k} (searching store {store.path})")
+    if k > store.n:
+        raise ValueError(f"k={k} is larger than store {store.path}, which holds only {store.n} rows; "
+                         f"ask for k <= {store.n}")
+    if q.shape[1] != store.dim:
+        raise ValueError(f"query dim {q.shape[1]} does not match the dim {store.dim} of store {store.path}; "
+                         "was the query embedded (and projected) into this store's space?")
+    if not np.isfinite(q).all():
+        raise ValueError(f"query embeddings contain NaN or inf (searching store {store.path})")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    norms = np.linalg.norm(q, axis=1, keepdims=True)
+    if bool((norms == 0).any()):
+        bad = np.flatnonzero(norms[:, 0] == 0).tolist()
+        raise ValueError(f"query rows {bad[:5]} are all-zero vectors: cosine similarity is undefined for them "
+                         f"(searching store {store.path})")
+    return np.ascontiguousarray(q / norms, dtype=np.float32)
+
+
+def _merge_block(qn: np.ndarray, emb: np.ndarray, start: int, k: int, q_group: int,
+                 best: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Running top-k (order keys, scores, rows) after one block of store rows ``start .. start + len(emb)``."""
+    rows = np.arange(start, start + len(emb), dtype=np.int64)
+    new_key, new_score, new_row = [], [], []
+    for g in range(0, qn.shape[0], q_group):
+        sl = slice(g, g + q_group)
+        scores = qn[sl] @ emb.T  # (q, c) float32
+        keys = _order_key(scores, rows)
+        pos = _largest(keys, k)  # this block's own top-k first: the merge below stays (q, <= 2k)
+        cand_key = np.concatenate([best[0][sl], np.take_along_axis(keys, pos, 1)], axis=1)
+        cand_score = np.concatenate([best[1][sl], np.take_along_axis(scores, pos, 1)], axis=1)
+        cand_row = np.concatenate([best[2][sl], start + pos], axis=1)
+        del scores, keys, pos
+        keep = _largest(cand_key, k)
+        new_key.append(np.take_along_axis(cand_key, keep, 1))
+        new_score.append(np.take_along_axis(cand_score, keep, 1))
+        new_row.append(np.take_along_axis(cand_row, keep, 1))
+    return np.concatenate(new_key), np.concatenate(new_score), np.concatenate(new_row)
+
+
 def top_k(queries: np.ndarray, store: str | Path | EmbeddingStore, k: int,
           chunk_rows: int = 65536) -> list[list[tuple[str, float]]]:
     """Exact cosine top-k of each query against every row of ``store``.
@@ -110,71 +159,30 @@ def top_k(queries: np.ndarray, store: str | Path | EmbeddingStore, k: int,
     batched with other queries (BLAS picks kernels by shape).
     """
     store = _open(store)
-    q = np.asarray(queries, dtype=np.float32)
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2 or q.shape[0] == 0 or q.shape[1] == 0:
-        raise ValueError(f"empty query: expected a (Q, D) array of query embeddings with Q >= 1, got shape "
-                         f"{np.shape(queries)} (searching store {store.path})")
     k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got k={k} (searching store {store.path})")
-    if k > store.n:
-        raise ValueError(f"k={k} is larger than store {store.path}, which holds only {store.n} rows; "
-                         f"ask for k <= {store.n}")
-    if q.shape[1] != store.dim:
-        raise ValueError(f"query dim {q.shape[1]} does not match the dim {store.dim} of store {store.path}; "
-                         "was the query embedded (and projected) into this store's space?")
-    if not np.isfinite(q).all():
-        raise ValueError(f"query embeddings contain NaN or inf (searching store {store.path})")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    if bool((norms == 0).any()):
-        bad = np.flatnonzero(norms[:, 0] == 0).tolist()
-        raise ValueError(f"query rows {bad[:5]} are all-zero vectors: cosine similarity is undefined for them "
-                         f"(searching store {store.path})")
-    qn = np.ascontiguousarray(q / norms, dtype=np.float32)
+    qn = _unit_queries(queries, store, k, chunk_rows)  # (Q, D), unit rows
     rows_normalized = bool(store.attrs.get("normalized", False))
     n_q = qn.shape[0]
     q_group = max(1, _MAX_BLOCK_ELEMENTS // max(1, min(chunk_rows, store.n)))
 
     # Running best per query, unordered: order keys, scores, store rows (width grows to k, then stays).
-    best_key = np.empty((n_q, 0), dtype=np.int64)
-    best_score = np.empty((n_q, 0), dtype=np.float32)
-    best_row = np.empty((n_q, 0), dtype=np.int64)
+    best = (np.empty((n_q, 0), dtype=np.int64), np.empty((n_q, 0), dtype=np.float32), np.empty((n_q, 0), dtype=np.int64))
     winners: dict[int, str] = {}  # row -> id, for rows that ever made a running top-k
     start = 0
     for ids, block in store.iter_chunks(rows=chunk_rows):
         emb = np.asarray(block, dtype=np.float32)
         if not rows_normalized:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), np.float32(1e-12))
-        c = len(ids)
-        rows = np.arange(start, start + c, dtype=np.int64)
-        new_key, new_score, new_row = [], [], []
-        for g in range(0, n_q, q_group):
-            sl = slice(g, g + q_group)
-            scores = qn[sl] @ emb.T  # (q, c) float32
-            keys = _order_key(scores, rows)
-            pos = _largest(keys, k)  # this block's own top-k first: the merge below stays (q, <= 2k)
-            cand_key = np.concatenate([best_key[sl], np.take_along_axis(keys, pos, 1)], axis=1)
-            cand_score = np.concatenate([best_score[sl], np.take_along_axis(scores, pos, 1)], axis=1)
-            cand_row = np.concatenate([best_row[sl], start + pos], axis=1)
-            del scores, keys, pos
-            keep = _largest(cand_key, k)
-            new_key.append(np.take_along_axis(cand_key, keep, 1))
-            new_score.append(np.take_along_axis(cand_score, keep, 1))
-            new_row.append(np.take_along_axis(cand_row, keep, 1))
-        best_key, best_score, best_row = (np.concatenate(new_key), np.concatenate(new_score),
-                                          np.concatenate(new_row))
+        best = _merge_block(qn, emb, start, k, q_group, best)
+        best_row = best[2]
         for r in np.unique(best_row[best_row >= start]).tolist():
             winners[r] = str(ids[r - start])
-        start += c
+        start += len(ids)
         del block, emb  # one block alive while the next is read
         if len(winners) > 4 * k * n_q + _WINNERS_SLACK:  # drop ids that fell out of every running top-k
             keep_rows = set(best_row.ravel().tolist())
             winners = {r: i for r, i in winners.items() if r in keep_rows}
+    best_key, best_score, best_row = best
     if start != store.n:
         raise RuntimeError(f"store {store.path} yielded {start} rows, expected {store.n}")
     order = np.argsort(best_key, axis=1)[:, ::-1]  # keys are distinct: no tie for the sort to break
@@ -229,6 +237,30 @@ def _embed_query(query: str, encoder: Any, where: str) -> np.ndarray:
         raise ValueError(f"cannot embed query {query!r} with {spec}: {exc}") from None
 
 
+def _into_target_space(emb: np.ndarray, projector_dir, origin: str, target: EmbeddingStore) -> np.ndarray:
+    """(1, D_src) -> (1, D_tgt) through the projector when one is given; dims checked either way."""
+    if projector_dir is not None:
+        import torch  # only here: searching a store (and querying by stored id) needs no torch
+
+        from projection.projector import Projector, load_projector
+
+        proj = projector_dir if isinstance(projector_dir, Projector) else load_projector(projector_dir)
+        name = "the given projector" if isinstance(projector_dir, Projector) else f"projector {projector_dir}"
+        if proj.cfg.d_in != emb.shape[1]:
+            raise ValueError(f"{name} expects {proj.cfg.d_in}-dim source embeddings, but {origin} has "
+                             f"{emb.shape[1]} dims; was it trained on this source encoder?")
+        if proj.cfg.d_out != target.dim:
+            raise ValueError(f"{name} outputs {proj.cfg.d_out}-dim vectors, but target store {target.path} "
+                             f"holds {target.dim}-dim embeddings; was it trained for this target encoder?")
+        proj.eval()
+        with torch.inference_mode():
+            emb = proj(torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))).float().numpy()
+    elif emb.shape[1] != target.dim:
+        raise ValueError(f"{origin} has {emb.shape[1]} dims but target store {target.path} holds "
+                         f"{target.dim}-dim embeddings, and no projector_dir was given to map between them")
+    return emb
+
+
 def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
            projector_dir: str | Path | None = None, source_encoder: Any = None,
            source_store: str | Path | EmbeddingStore | None = None, k: int = 10,
@@ -270,25 +302,7 @@ def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
         origin = f"the query embedding from {where}"
     emb = emb.reshape(1, -1)
 
-    if projector_dir is not None:
-        import torch  # only here: searching a store (and querying by stored id) needs no torch
-
-        from projection.projector import Projector, load_projector
-
-        proj = projector_dir if isinstance(projector_dir, Projector) else load_projector(projector_dir)
-        name = "the given projector" if isinstance(projector_dir, Projector) else f"projector {projector_dir}"
-        if proj.cfg.d_in != emb.shape[1]:
-            raise ValueError(f"{name} expects {proj.cfg.d_in}-dim source embeddings, but {origin} has "
-                             f"{emb.shape[1]} dims; was it trained on this source encoder?")
-        if proj.cfg.d_out != target.dim:
-            raise ValueError(f"{name} outputs {proj.cfg.d_out}-dim vectors, but target store {target.path} "
-                             f"holds {target.dim}-dim embeddings; was it trained for this target encoder?")
-        proj.eval()
-        with torch.inference_mode():
-            emb = proj(torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))).float().numpy()
-    elif emb.shape[1] != target.dim:
-        raise ValueError(f"{origin} has {emb.shape[1]} dims but target store {target.path} holds "
-                         f"{target.dim}-dim embeddings, and no projector_dir was given to map between them")
+    emb = _into_target_space(emb, projector_dir, origin, target)
 
     norm = float(np.linalg.norm(emb))
     if not np.isfinite(norm) or norm == 0:

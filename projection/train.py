@@ -1,33 +1,25 @@
-"""Training loop for the projector: AdamW, warmup + cosine, clipping, early stopping.
+"""Stage-1 training: the projector (and any learnable loss temperature) on source -> target pairs.
 
-Two properties drive the design:
-- Resumable bit-for-bit. All randomness is either a fresh torch.Generator seeded from
-  (seed, epoch) (shuffling) or the global torch RNG forked for this call and saved in the
-  checkpoint (dropout). A checkpoint holds everything else that evolves (model,
-  optimizer, scheduler, loss temperatures, early-stopping state), so kill -9 + rerun ends
-  with the same weights as an uninterrupted run.
-- Near-zero overhead over a bare torch loop: no .item() per step (loss accumulated as a
-  tensor, one sync per epoch), in-memory data indexed from one tensor.
+The loop itself (AdamW, warmup + cosine, clipping, early stopping on val_loss, checkpoint/resume,
+the parameter-group and last-batch rules) is ``projection.loop``; this module says only what is
+stage 1's own: the parts (projector, loss), the batches (pairs from ``projection.data``), the
+loss, the validation loss and the loss's learnable scalars as metrics.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from projection.checkpoint import commit_epoch, resume
-from projection.steps import loss_param_metrics, optimizer_step
+from projection import loop
 from projection.config import TrainConfig, resolve_epochs
 
 CHECKPOINT_FILE = "checkpoint.pt"
-Callback = Callable[[str, int, dict[str, float]], None]
 
 
 @dataclass
@@ -39,35 +31,6 @@ class TrainResult:
     stopped_early: bool
     resumed_from_epoch: int | None  # epochs already done in the checkpoint we resumed from
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Mixed rather than seed + epoch so (seed=0, epoch=1) and (seed=1, epoch=0) differ.
-    return (seed * 1_000_003 + epoch) % (2**63)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear 1/w..1 over warmup, then cosine from 1 to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    # Decay matrices only, as CLIP does: decaying biases, norm gains or a logit scale hurts.
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -94,6 +57,55 @@ def predict(model: nn.Module, x, batch_size: int = 4096, device: str | torch.dev
     return torch.cat([model(xb).cpu() for xb in chunks]).numpy()  # (N, D_src) -> (N, D_tgt)
 
 
+class Stage1(loop.Trainer):
+    """Projector + loss on pair sources (``InMemoryPairs`` / ``ChunkedPairs``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, train_pairs, val_pairs, cfg: TrainConfig):
+        self.model, self.loss_fn, self.train_pairs, self.val_pairs, self.cfg = model, loss_fn, train_pairs, val_pairs, cfg
+        self.device = torch.device(cfg.device)
+
+    def parts(self) -> dict[str, Any]:
+        return {"model": self.model, "loss": self.loss_fn}
+
+    def param_sets(self) -> list[loop.ParamSet]:
+        return [loop.ParamSet("projector", [self.model, self.loss_fn], self.cfg.lr)]
+
+    def settings(self) -> dict[str, Any]:
+        cfg = getattr(self.model, "cfg", None)
+        return {"train": self.cfg, "projector": cfg if cfg is not None else {}}
+
+    def data_digest(self) -> str:
+        return self.train_pairs.digest() + (self.val_pairs.digest() if self.val_pairs is not None else "")
+
+    def num_batches(self) -> int:
+        return self.train_pairs.num_batches(self.cfg.batch_size)
+
+    def batches(self, generator: torch.Generator):
+        return self.train_pairs.batches(self.cfg.batch_size, generator, self.device)
+
+    def loss(self, batch) -> torch.Tensor:
+        xb, yb = batch
+        return self.loss_fn(self.model(xb), yb)  # (B, D_src) -> (B, D_tgt) -> ()
+
+    def validate(self) -> dict[str, float]:
+        if self.val_pairs is None:
+            return {}
+        return {"val_loss": evaluate_loss(self.model, self.loss_fn, self.val_pairs, self.cfg.eval_batch_size, self.device)}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return loop.scalar_metrics("loss_param", self.loss_fn)
+
+    def end_metrics(self, state: loop.LoopState) -> dict[str, float]:
+        return {} if self.val_pairs is None else {"best_val_loss": state.best_value}
+
+
+def loop_config(cfg: TrainConfig) -> loop.LoopConfig:
+    return loop.LoopConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device, weight_decay=cfg.weight_decay,
+                           warmup_frac=cfg.warmup_frac, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                           grad_clip=cfg.grad_clip, fused_adamw=cfg.fused_adamw, patience=cfg.patience,
+                           min_delta=cfg.min_delta, monitor="val_loss")
+
+
 def train_projector(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -101,15 +113,14 @@ def train_projector(
     val_pairs,
     cfg: TrainConfig,
     checkpoint_dir: str | Path | None = None,
-    callback: Callback | None = None,
+    callback: loop.Callback | None = None,
 ) -> TrainResult:
     """Train in place; on return `model` (and `loss_fn`) hold the best-val-loss weights.
 
-    Resumes from `checkpoint_dir/checkpoint.pt` when present. The caller's global torch
-    RNG is left untouched (the loop runs under a forked RNG seeded with cfg.seed).
+    Resumes from `checkpoint_dir/checkpoint.pt` when present and made with the same settings and
+    data (else ValueError naming what differs). The caller's global torch RNG is left untouched.
     """
     cfg = resolve_epochs(cfg, len(train_pairs))  # a step budget becomes epochs here
-    device = torch.device(cfg.device)
     if hasattr(model, "cfg"):
         train_pairs.check_dims(model.cfg.d_in, model.cfg.d_out)
         if val_pairs is not None:
@@ -118,80 +129,11 @@ def train_projector(
         raise ValueError("training split is empty")
     if val_pairs is not None and len(val_pairs) == 0:
         val_pairs = None
-    model.to(device)
-    loss_fn.to(device)
-
-    steps_per_epoch = train_pairs.num_batches(cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_frac * total_steps)
-    params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(_param_groups(params, cfg.weight_decay), lr=cfg.lr, fused=cfg.fused_adamw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps, cfg.min_lr_ratio))
-    # Resuming under a different schedule or data order would silently break determinism.
-    fingerprint = {"seed": cfg.seed, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "lr": cfg.lr, "n_train": len(train_pairs)}
-
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
-        torch.manual_seed(cfg.seed)
-        s = {  # everything that evolves across epochs besides model/opt/sched
-            "epoch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
-            "best_model": None, "best_loss": None, "history": [],
-        }  # fmt: skip
-        s, resumed_from = resume(ckpt_path, device, fingerprint, s, {
-            "model": model.load_state_dict, "loss": loss_fn.load_state_dict,
-            "optimizer": opt.load_state_dict, "scheduler": sched.load_state_dict})
-
-        total = torch.zeros((), device=device)
-        while s["epoch"] < cfg.epochs and not s["stopped"]:
-            epoch = s["epoch"]
-            gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-            model.train()
-            loss_fn.train()
-            total.zero_()
-            n_batches = 0
-            for xb, yb in train_pairs.batches(cfg.batch_size, gen, device):
-                loss = loss_fn(model(xb), yb)  # (B, D_src) -> (B, D_tgt) -> ()
-                optimizer_step(loss, opt, sched, params, cfg.grad_clip)
-                total.add_(loss.detach())
-                n_batches += 1
-            s["step"] += n_batches
-
-            metrics = {"epoch": float(epoch), "train_loss": float(total) / max(n_batches, 1), "lr": sched.get_last_lr()[0]}
-            if val_pairs is not None:
-                val = evaluate_loss(model, loss_fn, val_pairs, cfg.eval_batch_size, device)
-                metrics["val_loss"] = val
-                if val < s["best_val"] - cfg.min_delta:
-                    s.update(best_val=val, best_epoch=epoch, bad_epochs=0)
-                    s["best_model"], s["best_loss"] = _clone_state(model), _clone_state(loss_fn)
-                else:
-                    s["bad_epochs"] += 1
-                    s["stopped"] = cfg.patience is not None and s["bad_epochs"] >= cfg.patience
-            else:
-                s["best_epoch"] = epoch
-            metrics |= loss_param_metrics(loss_fn)
-            commit_epoch(s, epoch, metrics, ckpt_path, device, fingerprint, lambda: {
-                "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, callback)
-
-    if s["best_model"] is not None:
-        model.load_state_dict(s["best_model"])
-        loss_fn.load_state_dict(s["best_loss"])
-    result = TrainResult(
-        best_val_loss=None if val_pairs is None else s["best_val"],
-        best_epoch=s["best_epoch"],
-        epochs_run=s["epoch"],
-        steps=s["step"],
-        stopped_early=s["stopped"],
-        resumed_from_epoch=resumed_from,
-        history=s["history"],
-    )
-    if callback is not None:
-        end = {"epochs_run": float(result.epochs_run), "best_epoch": float(result.best_epoch)}
-        if result.best_val_loss is not None:
-            end["best_val_loss"] = result.best_val_loss
-        callback("end", result.steps, end)
-    return result
+    model.to(cfg.device)
+    loss_fn.to(cfg.device)
+    trainer = Stage1(model, loss_fn, train_pairs, val_pairs, cfg)
+    res = loop.run(lambda: trainer, loop_config(cfg), checkpoint_dir, CHECKPOINT_FILE, callback)
+    s = res.state
+    return TrainResult(best_val_loss=None if val_pairs is None else s.best_value, best_epoch=s.best_epoch,
+                       epochs_run=s.epoch, steps=s.step, stopped_early=s.stopped,
+                       resumed_from_epoch=res.resumed_from_epoch, history=s.history)

@@ -161,10 +161,10 @@ def test_extract_writes_a_store_recording_the_packaged_origin(tmp_path):
 
 
 def test_stage2_last_n_unfreezes_the_last_block_and_head_conv_not_the_classifier(tiny_timm_files):
-    from projection.finetune import apply_unfreeze, encoder_layout
+    from projection.unfreeze import apply_unfreeze
 
     enc = load_encoder(f"timm:image:test_efficientnet@{tiny_timm_files['safetensors']}?image_size=32")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     n = len(enc.module.blocks)
     assert layout.blocks == [f"blocks.{i}" for i in range(n)]
     assert layout.post[:2] == ["conv_head", "bn2"] and layout.exclude == ["classifier"]

@@ -24,7 +24,7 @@ def test_stage2_classification_beats_the_frozen_feature_head(digits_pipeline):
     f = digits_pipeline["finetune"]
     print(f"digits test accuracy: frozen-feature head {f['before']['accuracy']:.4f}, "
           f"fine-tuned last block {f['after']['accuracy']:.4f}")
-    assert f["task"] == "classification" and f["after"]["accuracy"] >= f["before"]["accuracy"]
+    assert f["task"] == "classification" and f["after"]["accuracy"] > f["before"]["accuracy"]
     assert f["after"]["accuracy"] > 0.5  # ten classes
     assert set(f["alignment"]) == {"stage1", "after_finetune"}  # forgetting is measured, not hidden
 

@@ -1,15 +1,11 @@
 """Stage-2 fine-tuning: unfreeze policies, discriminative LRs, tasks, kill -9 resume, HF blocks.
 
 Tiny random-init encoders only (the open_clip config in data/models, a 2-layer HF BERT built
-here), so nothing is downloaded. Run as a script, this file is the kill -9 worker:
-    python tests/projection/test_finetune.py CKPT_DIR OUT_FILE SLEEP_PER_EPOCH
+here), so nothing is downloaded. kill -9 and resume: tests/projection/test_loop.py (all three loops).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,30 +14,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VIT = REPO / "data" / "models" / "xmodal-tiny-vit.json"
-for _p in (REPO, REPO / "tests"):  # script mode (the kill -9 worker) imports from both
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
 from projection.config import ProjectorConfig  # noqa: E402
 from projection.finetune import (  # noqa: E402
-    CHECKPOINT_FILE,
     TaskData,
-    TaskHead,
-    apply_unfreeze,
-    configure_optimizers,
-    encoder_blocks,
-    encoder_layout,
     evaluate_task,
     finetune,
     frozen_head_baseline,
-    load_finetuned,
     predict_task,
-    save_finetuned,
 )
+from projection.finetune_io import load_finetuned, save_finetuned  # noqa: E402
+from projection.loop import ParamSet, param_groups  # noqa: E402
+from projection.tasks import make_head  # noqa: E402
+from projection.unfreeze import apply_unfreeze, encoder_blocks  # noqa: E402
 from projection.finetune_config import FinetuneConfig  # noqa: E402
 from projection.metrics import bidirectional_ranks  # noqa: E402
 from projection.projector import make_projector, save_projector  # noqa: E402
-from tests_support import kill_9_after_first_checkpoint, spawn_python  # noqa: E402
 
 D_TGT = 16
 WORKER_EPOCHS = 4
@@ -106,7 +93,7 @@ def test_none_keeps_encoder_bit_identical_and_trains_projector_and_head(images):
     cfg = _cfg(unfreeze="none")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the head is built first thing under the run's seed
-        head0 = TaskHead("classification", D_TGT, n_classes=2)
+        head0 = make_head("classification", D_TGT, n_classes=2)
     res = finetune(enc, proj, *_cls_data(images), cfg)
 
     assert _changed(enc_before, enc.module) == set()
@@ -120,7 +107,7 @@ def test_none_keeps_encoder_bit_identical_and_trains_projector_and_head(images):
 def test_last_n_1_changes_exactly_last_block_plus_final_norm_and_projection(images):
     enc, proj = _enc(), _proj()
     before = _snapshot(enc.module)
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     assert layout.blocks == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1"]
     assert layout.post == ["visual.ln_post", "visual.proj"]
     modes = {0: set(), 1: set()}  # frozen block must run in eval mode, the unfrozen one in train mode
@@ -151,7 +138,7 @@ def test_modified_resnet_last_n_trains_layer4_and_attnpool_only(images):
     from encoders.factory import load_encoder
 
     enc = load_encoder(f"open_clip:image:{REPO / 'data/models/xmodal-tiny-rn.json'}?device=cpu")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     assert layout.blocks == [f"visual.layer{i}" for i in range(1, 5)] and layout.post == ["visual.attnpool"]
     before = _snapshot(enc.module)
     res = finetune(enc, _proj(), *_cls_data(images), _cfg(unfreeze="last_n", last_n=1, epochs=1))
@@ -164,7 +151,7 @@ def test_modified_resnet_last_n_trains_layer4_and_attnpool_only(images):
 
 def test_text_tower_layout_and_all_excludes_image_tower():
     enc = _enc("text")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     assert layout.blocks == ["transformer.resblocks.0", "transformer.resblocks.1"]
     assert layout.post == ["ln_final", "text_projection"]
     names = apply_unfreeze(enc, "all")
@@ -177,10 +164,9 @@ def test_param_groups_have_discriminative_lrs_and_no_decay_on_biases_norms():
     enc, proj = _enc(), _proj()
     cfg = _cfg(unfreeze="last_n", encoder_lr=2e-5, head_lr=7e-4, weight_decay=0.05)
     apply_unfreeze(enc, "last_n", 1)
-    head = TaskHead("classification", D_TGT, n_classes=3)
-    opt = configure_optimizers([(n, p) for n, p in enc.module.named_parameters() if p.requires_grad],
-                               list(proj.named_parameters()) + list(head.named_parameters()), cfg)  # fmt: skip
-    groups = {g["name"]: g for g in opt.param_groups}
+    head = make_head("classification", D_TGT, n_classes=3)
+    sets = [ParamSet("encoder", [enc.module], cfg.encoder_lr), ParamSet("head", [proj, head], cfg.head_lr)]
+    groups = {g["name"]: g for g in param_groups(sets, cfg.weight_decay)}
     assert set(groups) == {"encoder", "encoder_no_decay", "head", "head_no_decay"}
     assert groups["encoder"]["lr"] == groups["encoder_no_decay"]["lr"] == 2e-5
     assert groups["head"]["lr"] == groups["head_no_decay"]["lr"] == 7e-4
@@ -320,7 +306,7 @@ def test_hf_bert_last_n_finds_blocks_generically(tiny_bert_dir):
     from encoders.factory import load_encoder
 
     enc = load_encoder(f"hf:text:{tiny_bert_dir}?device=cpu")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     assert layout.blocks == ["encoder.layer.0", "encoder.layer.1"]
     assert layout.post == [] and layout.exclude == ["pooler"]  # cls pooling never touches the pooler
     assert len(encoder_blocks(enc)) == 2
@@ -345,58 +331,9 @@ def test_hf_vit_layout_includes_final_layernorm(tmp_path):
                        intermediate_size=64)).save_pretrained(tmp_path)  # fmt: skip
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     enc = load_encoder(f"hf:image:{tmp_path}?device=cpu")
-    layout = encoder_layout(enc)
+    layout = enc.layout()
     stack = "layers" if hasattr(enc.module, "layers") else "encoder.layer"  # transformers 5 / 4 naming
     assert layout.blocks == [f"{stack}.{i}" for i in range(3)] and layout.post == ["layernorm"]
     names = apply_unfreeze(enc, "last_n", 2)
     assert names and all(n.startswith((f"{stack}.1.", f"{stack}.2.", "layernorm.")) for n in names)
     assert any(n.startswith("layernorm.") for n in names)
-
-
-# ------------------------------------------------------------------ kill -9 + resume
-
-
-def _worker(ckpt_dir: str, out_file: str, sleep: float) -> None:
-    """Deterministic fine-tuning run of the tiny open_clip TEXT tower (last block unfrozen)."""
-    torch.set_num_threads(1)
-    texts, labels = _texts(40)
-    cfg = _cfg(unfreeze="last_n", epochs=WORKER_EPOCHS, batch_size=8, warmup_frac=0.2)
-    enc = _enc("text")
-    res = finetune(enc, _proj(), TaskData(texts[:32], labels[:32]), TaskData(texts[32:], labels[32:]), cfg,
-                   checkpoint_dir=ckpt_dir, callback=lambda *a: time.sleep(sleep))  # fmt: skip
-    names = set(res.trainable_encoder_params)
-    out = {f"encoder.{k}": v for k, v in enc.module.state_dict().items() if k in names}
-    out |= {f"model.{k}": v for k, v in res.model.state_dict().items()}
-    torch.save(out, out_file)
-    print(f"resumed_from={res.resumed_from_epoch} epochs_run={res.epochs_run}", flush=True)
-
-
-def _spawn(ckpt: Path, out: Path, sleep: float) -> subprocess.Popen:
-    return spawn_python(__file__, ckpt, out, sleep)
-
-
-def test_kill9_during_finetuning_and_resume_matches_uninterrupted_run(tmp_path):
-    ref = _spawn(tmp_path / "ref_ckpt", tmp_path / "ref.pt", 0)
-    victim = _spawn(tmp_path / "ckpt", tmp_path / "killed.pt", 1.0)
-    ckpt = tmp_path / "ckpt" / CHECKPOINT_FILE
-    kill_9_after_first_checkpoint(victim, ckpt)
-    ck = torch.load(ckpt, weights_only=True)  # plain tensors/numbers: loads without pickle code
-    done = ck["epoch"]
-    assert 1 <= done < WORKER_EPOCHS and not (tmp_path / "killed.pt").exists()
-    assert ck["encoder"] and all(k.startswith(("transformer.resblocks.1.", "ln_final.", "text_projection")) for k in ck["encoder"])
-
-    resumed = _spawn(tmp_path / "ckpt", tmp_path / "resumed.pt", 0)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert f"resumed_from={done} epochs_run={WORKER_EPOCHS}" in out
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out
-    assert f"resumed_from=None epochs_run={WORKER_EPOCHS}" in ref_out
-    a, b = torch.load(tmp_path / "resumed.pt", weights_only=True), torch.load(tmp_path / "ref.pt", weights_only=True)
-    assert a.keys() == b.keys() and any(k.startswith("encoder.") for k in a)
-    for k in a:  # same seed, same thread count: bit-identical to the uninterrupted run
-        assert torch.equal(a[k], b[k]), k
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], float(sys.argv[3]))
