@@ -19,7 +19,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, run_recovery, tracking
+from flows import reporting, tracking
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
@@ -110,6 +110,29 @@ def _flow_run_name() -> str:
     return run_label(config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config))
 
 
+def _stages(c: "PipelineConfig", common: dict) -> tuple[list[dict], dict, dict | None]:
+    """extract (source, target, class prompts) -> align -> optional finetune, each a subflow under the parent run."""
+    stores = f"{c.out_dir}/stores"
+    extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
+        manifest=manifest, column=column, encoder=encoder, out_dir=stores, refresh=c.refresh, **common))
+    src = extract(c.manifest, c.source_column, c.source_encoder)
+    tgt = extract(c.manifest, c.target_column, c.target_encoder)
+    cls = extract(c.class_manifest, c.class_column, c.target_encoder) if c.class_manifest and c.label_column else None
+    a = c.align
+    stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
+                               train=a.train, split=a.split, baselines=a.baselines,
+                               label_column=c.label_column, label_manifest=c.manifest,
+                               transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
+                               out_dir=f"{c.out_dir}/align", **common))
+    stage2 = None
+    if c.finetune.enabled:
+        stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.manifest,
+                                         source_column=c.source_column, source_encoder=c.source_encoder,
+                                         config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
+                                         target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
+    return [src, tgt] + ([cls] if cls else []), stage1, stage2
+
+
 @flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
@@ -123,48 +146,19 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
 
     dataset = Manifest.read(c.manifest).name
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
-    exp = tracking.experiment_id(experiment)
-    client = mlflow.MlflowClient()
     # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
     run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
-    parent = client.create_run(exp, run_name=run_name, tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset,
-                                                             "prefect.flow_run_id": str(flow_run.id),
-                                                             **tracking.source_tags("pipeline")}
-                               | run_recovery.claim(exp, f"pipeline:{c.model_dump_json()}"))
-    pid = parent.info.run_id
-    common = {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid}
-    try:
-        tracking.log_params(pid, tracking.flatten(c.model_dump(mode="json")))  # the whole config, as run
-        stores = f"{c.out_dir}/stores"
-        extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
-            manifest=manifest, column=column, encoder=encoder, out_dir=stores, refresh=c.refresh, **common))
-        src = extract(c.manifest, c.source_column, c.source_encoder)
-        tgt = extract(c.manifest, c.target_column, c.target_encoder)
-        cls = (extract(c.class_manifest, c.class_column, c.target_encoder)
-               if c.class_manifest and c.label_column else None)
-        a = c.align
-        stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
-                                   train=a.train, split=a.split, baselines=a.baselines,
-                                   label_column=c.label_column, label_manifest=c.manifest,
-                                   transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
-                                   out_dir=f"{c.out_dir}/align", **common))
-        stage2 = None
-        if c.finetune.enabled:
-            stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.manifest,
-                                             source_column=c.source_column, source_encoder=c.source_encoder,
-                                             config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
-                                             target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
-        extracts = [src, tgt] + ([cls] if cls else [])
+    with tracking.stage_run("pipeline", dataset, run_name, experiment=experiment,
+                            tags={"prefect.flow_run_id": str(flow_run.id)}, work=f"pipeline:{c.model_dump_json()}",
+                            params=tracking.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
+        pid = run.run_id
+        extracts, stage1, stage2 = _stages(c, {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid})
         summary = evaluate(pid, experiment, stage1, stage2, extracts)
         registered = None
         if c.register_model:
             from flows.promote import promote
 
             registered = promote(stage1["run_id"], c.register_model, c.register_alias)
-        client.set_terminated(pid, "FINISHED")
-    except BaseException:
-        client.set_terminated(pid, "FAILED")
-        raise
     # the summary belongs to the pipeline's own flow run (its Artifacts tab), not to a subflow
     create_markdown_artifact(summary_markdown(pid, extracts, stage1, stage2, registered), key=_key("pipeline-summary"))
     tracking.link_artifact(pid, _key("pipeline-mlflow"))
@@ -198,12 +192,19 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
 @flow(name="evaluate", log_prints=True)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
-    client = mlflow.MlflowClient()
-    exp = tracking.experiment_id(experiment)
-    run = client.create_run(exp, run_name="evaluate", tags={"xmodal.stage": "evaluate",
-                                                            "mlflow.parentRunId": parent_run_id,
-                                                            **tracking.source_tags("pipeline")})
-    rid = run.info.run_id
+    dataset = extracts[0]["dataset"] if extracts else "data"
+    with tracking.stage_run("evaluate", dataset, "evaluate", experiment=experiment, parent_run_id=parent_run_id,
+                            flow="pipeline") as run:
+        headline = _headline(stage1, stage2)
+        for target in (run.run_id, parent_run_id):
+            tracking.log_metrics(target, headline)
+        run.log_json({"stage1": stage1["metrics"], "weights_origin": stage1["weights_origin"],
+                      "stage2": stage2 and {k: stage2[k] for k in ("task", "before", "after", "alignment")}},
+                     "evaluation.json")
+    return headline | {"evaluate_run_id": run.run_id}
+
+
+def _headline(stage1: dict, stage2: dict | None) -> dict[str, float]:
     # every stage-1 row: the projector as stage1_*, each baseline as stage1_<name>_* (what compare shows)
     headline = {f"stage1_{k}": v for k, v in stage1["metrics"]["projector"].items()}
     for name, m in stage1["metrics"].items():
@@ -214,13 +215,7 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
                      f"stage2_after_{stage2['metric']}": stage2["after"]["metric"]}
         for name, m in stage2["alignment"].items():
             headline |= {f"alignment_{name}_{k}": v for k, v in m.items() if k in ("mse", "cosine", "p2t_r1")}
-    for target in (rid, parent_run_id):
-        tracking.log_metrics(target, headline)
-    tracking.log_json(rid, {"stage1": stage1["metrics"], "stage2": stage2 and {k: stage2[k] for k in
-                                                                              ("task", "before", "after", "alignment")},
-                            "weights_origin": stage1["weights_origin"]}, "evaluation.json")
-    client.set_terminated(rid, "FINISHED")
-    return headline | {"evaluate_run_id": rid}
+    return headline
 
 
 expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's
