@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
@@ -56,8 +56,10 @@ class AlignParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
-    target: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
+    source_store: str = Field(validation_alias=AliasChoices("source_store", "source"),
+                              description="Source-modality store (.h5), e.g. image embeddings.")
+    target_store: str = Field(validation_alias=AliasChoices("target_store", "target"),
+                              description="Target-modality store (.h5) whose space the projector maps into.")
     projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
     loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
     train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")
@@ -94,7 +96,7 @@ def fit_baselines_task(x_train: np.ndarray, y_train: np.ndarray, cfg: BaselineCo
 def check_inputs(params: AlignParams) -> tuple:
     """Open and join the stores, split, read labels and class prompts: every bad input fails HERE, in one line,
     before a run folder or an MLflow run exists. (src, tgt, pairs, projector config, ids, split, task inputs)."""
-    src, tgt = EmbeddingStore(params.source), EmbeddingStore(params.target)
+    src, tgt = EmbeddingStore(params.source_store), EmbeddingStore(params.target_store)
     pairs = join_stores(src, tgt)
     proj = params.projector
     for side, want, store in (("d_in", proj.d_in, src), ("d_out", proj.d_out, tgt)):

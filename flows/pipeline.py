@@ -37,7 +37,7 @@ LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"
 # schema, and the Prefect UI's run form (the deployment's parameters merged over that schema) then showed and
 # submitted each nested class's own defaults (stage 2: unfreeze 'none' and encoder_lr 1e-5, not 'last_n' and 1e-4).
 # tests/flows/test_parameter_schemas.py checks that every default in the schema equals the Python one.
-class AlignSettings(BaseModel):
+class AlignStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
     loss: LossConfig = Field(LossConfig(), description="Stage-1 objective (MSE by default).")
@@ -46,14 +46,14 @@ class AlignSettings(BaseModel):
     baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
 
 
-class FinetuneSettings(BaseModel):
+class FinetuneStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="Run stage 2 after stage 1.")
     config: FinetuneConfig = Field(FinetuneConfig(unfreeze="last_n", last_n=1, epochs=5, encoder_lr=1e-4),
                                    description="Task, unfreeze policy, learning rates.")
 
 
-class PipelineConfig(BaseModel):
+class PipelineParams(BaseModel):
     """Everything one pipeline run needs. Relative paths resolve against the working folder."""
 
     model_config = ConfigDict(extra="forbid")
@@ -71,8 +71,8 @@ class PipelineConfig(BaseModel):
                                      "R@1, the transfer figure, and zero-shot when class_manifest is set.")
     transfer_column: str | None = Field(None, description="Manifest column for the cross-modal transfer figure "
                                         "(classes or numbers, e.g. mean_disparity); default: label_column.")
-    align: AlignSettings = Field(AlignSettings(), description="Stage 1.")
-    finetune: FinetuneSettings = Field(FinetuneSettings(), description="Stage 2 (optional).")
+    align: AlignStageParams = Field(AlignStageParams(), description="Stage 1.")
+    finetune: FinetuneStageParams = Field(FinetuneStageParams(), description="Stage 2 (optional).")
     register_model: str | None = Field(None, description="After the run, register its projector in the MLflow Model "
                                        "Registry under this name (empty: do not register).")
     register_alias: str = Field("champion", description="Alias the registered version gets (with register_model).")
@@ -91,7 +91,7 @@ def ensure_sample_data(*paths: str | None) -> None:
         build_all(SAMPLE)
 
 
-def run_label(c: PipelineConfig, dataset: str | None = None) -> str:
+def run_label(c: PipelineParams, dataset: str | None = None) -> str:
     """'digits: image -> caption, mlp (+ stage 2)': what tells one run from the next in both UIs."""
     dataset = dataset or _dataset_name(c.manifest)
     return (f"{dataset}: {c.source_column} -> {c.target_column}, {c.align.projector.kind}"
@@ -106,11 +106,11 @@ def _dataset_name(manifest: str) -> str:
 def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
-    config = flow_run.parameters.get("config", PipelineConfig())
-    return run_label(config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config))
+    params = flow_run.parameters.get("params", PipelineParams())
+    return run_label(params if isinstance(params, PipelineParams) else PipelineParams.model_validate(params))
 
 
-def _stages(c: "PipelineConfig", common: dict) -> tuple[list[dict], dict, dict | None]:
+def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict | None]:
     """extract (source, target, class prompts) -> align -> optional finetune, each a subflow under the parent run."""
     stores = f"{c.out_dir}/stores"
     extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
@@ -119,7 +119,7 @@ def _stages(c: "PipelineConfig", common: dict) -> tuple[list[dict], dict, dict |
     tgt = extract(c.manifest, c.target_column, c.target_encoder)
     cls = extract(c.class_manifest, c.class_column, c.target_encoder) if c.class_manifest and c.label_column else None
     a = c.align
-    stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
+    stage1 = align(AlignParams(source_store=src["store"], target_store=tgt["store"], projector=a.projector, loss=a.loss,
                                train=a.train, split=a.split, baselines=a.baselines,
                                label_column=c.label_column, label_manifest=c.manifest,
                                transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
@@ -134,12 +134,12 @@ def _stages(c: "PipelineConfig", common: dict) -> tuple[list[dict], dict, dict |
 
 
 @flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
-    c = config
+    c = params
     uri = tracking.tracking_uri(c.tracking_uri)
     ensure_sample_data(c.manifest, c.class_manifest)
     from encoders.manifest import Manifest
@@ -217,5 +217,7 @@ def _headline(stage1: dict, stage2: dict | None) -> dict[str, float]:
             headline |= {f"alignment_{name}_{k}": v for k, v in m.items() if k in ("mse", "cosine", "p2t_r1")}
     return headline
 
+
+PipelineConfig = PipelineParams  # the name before issue 13 (one suffix for a flow's input: *Params)
 
 expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's
