@@ -71,6 +71,9 @@ class FrozenEncoder(ABC):
     digest: str
     dim: int
     source: str = ""  # where the weights came from beyond the origin (package + file digest, file path)
+    # Stage 2 keeps BatchNorm layers in eval mode (pretrained running statistics) while it trains
+    # their block: batches of 32 small images re-estimate them badly (see TimmEncoder).
+    freeze_bn_stats: bool = False
 
     @property
     def modality(self) -> str:

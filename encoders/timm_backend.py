@@ -106,6 +106,10 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 class TimmEncoder(FrozenEncoder):
+    # Measured on the demo's stage 2 (Lite0 at 64 px, last block unfrozen, 400 Fashion-MNIST train
+    # images, 2 epochs, batch 32, 49 test images): BatchNorm in train mode 0.47 test accuracy, below
+    # the frozen-feature head's 0.63; with the pretrained statistics kept, 0.78.
+    freeze_bn_stats = True
     def __init__(self, spec: EncoderSpec):
         import timm
         from timm.data import create_transform, resolve_data_config

@@ -141,11 +141,11 @@ def _task_inputs(params: AlignParams, src: EmbeddingStore, tgt: EmbeddingStore, 
     if params.label_column:
         labels = read_column(manifests, ids, params.label_column, "class labels, one per id")
         out["labels"] = labels[split["test"]]
-        if params.class_store:
-            class_emb, index = class_embeddings(params.class_store, params.label_column, out["labels"])
+        if params.class_store:  # every label must have a prompt, not only the test split's
+            class_emb, index = class_embeddings(params.class_store, params.label_column, labels)
             if class_emb.shape[1] != tgt.dim:
                 raise StoreError(f"class store {params.class_store} has dim {class_emb.shape[1]}, target store {tgt.path} has {tgt.dim}")
-            out["class_emb"], out["class_index"] = class_emb, index
+            out["class_emb"], out["class_index"] = class_emb, index[split["test"]]
     elif params.class_store:
         raise ManifestError("class_store is set but label_column is not: zero-shot needs the labels' column name")
     column = params.transfer_column or params.label_column

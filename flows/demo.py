@@ -38,7 +38,7 @@ def run_demo() -> dict:
     from flows.pipeline import PipelineParams, pipeline
 
     os.chdir(ROOT)  # the defaults (shared with the Prefect deployments) are paths relative to the repo
-    console, t0 = Console(), time.perf_counter()
+    console, t0 = Console(width=150), time.perf_counter()  # tables are wider than a default 80-column pipe
     manifests = build_all(ROOT / "data/generated")
     base = PipelineParams()  # the same defaults the Prefect deployments use
     runs = {

@@ -20,6 +20,7 @@ from projection import loop
 from projection.config import TrainConfig, resolve_epochs
 
 CHECKPOINT_FILE = "checkpoint.pt"
+Callback = loop.Callback  # (event, step, metrics); fit.py and the flows pass one
 
 
 @dataclass
@@ -113,12 +114,12 @@ def train_projector(
     val_pairs,
     cfg: TrainConfig,
     checkpoint_dir: str | Path | None = None,
-    callback: loop.Callback | None = None,
+    callback: Callback | None = None,
 ) -> TrainResult:
     """Train in place; on return `model` (and `loss_fn`) hold the best-val-loss weights.
 
-    Resumes from `checkpoint_dir/checkpoint.pt` when present and made with the same settings and
-    data (else ValueError naming what differs). The caller's global torch RNG is left untouched.
+    Resumes from `checkpoint_dir/checkpoint.pt` when it was made with the same settings and data
+    (else starts fresh, keeping it as `.stale`). The caller's global torch RNG is left untouched.
     """
     cfg = resolve_epochs(cfg, len(train_pairs))  # a step budget becomes epochs here
     if hasattr(model, "cfg"):

@@ -102,6 +102,10 @@ class EncoderPart:
                 obj.train()
         for name in self.exclude:
             module.get_submodule(name).eval()
+        if self.encoder.freeze_bn_stats:  # BatchNorm keeps its pretrained statistics; its scale and shift still train
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
 
 class GradCheckpointing:

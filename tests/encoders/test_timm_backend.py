@@ -175,3 +175,20 @@ def test_stage2_last_n_unfreezes_the_last_block_and_head_conv_not_the_classifier
     x = enc.collate([torch.zeros(3, 32, 32)] * 2)
     enc.forward(x).sum().backward()  # the trainable forward reaches the unfrozen block
     assert enc.module.get_parameter(names[0]).grad is not None
+
+
+def test_stage2_training_keeps_pretrained_batchnorm_statistics(tiny_timm_files):
+    from projection.unfreeze import EncoderPart, apply_unfreeze
+
+    enc = load_encoder(f"timm:image:test_efficientnet@{tiny_timm_files['safetensors']}?image_size=32")
+    n = len(enc.module.blocks)
+    apply_unfreeze(enc, "last_n", 1)
+    part = EncoderPart(enc, "last_n", 1)
+    part.train_mode(True)
+    last = enc.module.blocks[n - 1]
+    bns = [m for m in last.modules() if isinstance(m, torch.nn.BatchNorm2d)] + [enc.module.bn2]
+    assert bns and not any(m.training for m in bns)
+    assert any(m.training for m in last.modules() if isinstance(m, torch.nn.Conv2d))
+    before = enc.module.bn2.running_mean.clone()
+    enc.forward(torch.randn(4, 3, 32, 32))
+    assert torch.equal(enc.module.bn2.running_mean, before)

@@ -68,11 +68,10 @@ def test_wrong_label_column_is_one_line_and_leaves_nothing(labelled):
     assert len(lines) == 1, res.output
     assert "'specie'" in lines[0] and "expected: class labels" in lines[0] and "species" in lines[0]
     assert not labelled["out"].exists()
+    frame = pd.read_csv(labelled["labels"])
+    frame.loc[0, "species"] = "fox"  # a class with no prompt, wherever its id falls in the split
+    frame.to_csv(labelled["labels"], index=False)
     with pytest.raises(ManifestError, match=r"labels \['fox'\] in column 'species' have no prompt"):
-        pd.DataFrame({"id": ["c9"], "species": ["fox"]}).to_csv(labelled["labels"], mode="a", header=False, index=False)
-        frame = pd.read_csv(labelled["labels"])
-        frame.loc[0, "species"] = "fox"
-        frame.to_csv(labelled["labels"], index=False)
         align.fn(AlignParams(source=labelled["source"], target=labelled["target"], label_column="species",
                              label_manifest=labelled["labels"], class_store=labelled["classes"], train=FAST,
                              out_dir=str(labelled["out"])))

