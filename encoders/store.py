@@ -416,11 +416,12 @@ class PairedStores:
 
 
 def join_stores(source: str | Path | EmbeddingStore, target: str | Path | EmbeddingStore, *,
-                require_same_ids: bool = False) -> PairedStores:
+                require_same_ids: bool = False, allow_disjoint: bool = False) -> PairedStores:
     """Align two stores by id, in the source store's order.
 
     Stores made from one manifest usually differ only by the rows each could not embed; those
-    are dropped and counted. ``require_same_ids`` turns any difference into an error.
+    are dropped and counted. ``require_same_ids`` turns any difference into an error;
+    ``allow_disjoint`` accepts stores with no id in common (semi-supervised alignment uses the rest).
     """
     src = source if isinstance(source, EmbeddingStore) else EmbeddingStore(source)
     tgt = target if isinstance(target, EmbeddingStore) else EmbeddingStore(target)
@@ -431,7 +432,7 @@ def join_stores(source: str | Path | EmbeddingStore, target: str | Path | Embedd
         if j is not None:
             src_rows.append(i)
             tgt_rows.append(j)
-    if not src_rows:
+    if not src_rows and not allow_disjoint:
         raise StoreError(f"stores {src.path} and {tgt.path} share no ids "
                          f"(e.g. {list(src.ids[:2])} vs {list(tgt.ids[:2])}); were they built from the same manifest?")
     if require_same_ids and (len(src_rows) != len(src) or len(src_rows) != len(tgt)):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from typing import Literal
+
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from flows._flow_module import expose_flow
@@ -33,10 +35,12 @@ from flows.labels import class_embeddings, content_ids, read_column, stage1_mani
 from projection.baselines import fit_baselines
 from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
 from projection.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
-from projection.fit import fit_projector
+from projection.fit import FitResult, fit_projector
 from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
+from projection.partial import check_pairs, partition_stores, semi_inputs
 from projection.projector import save_projector
-from projection.train import predict
+from projection.semi import SemiConfig, fit_semi_mode
+from projection.train import TrainResult, predict
 from projection.transfer import transfer_scores
 
 
@@ -74,6 +78,14 @@ class AlignParams(BaseModel):
         "each prompt's class, matched to the labels by value.")
     transfer_column: str | None = Field(
         None, description="Column for the cross-modal transfer figure (classes or numbers); default: label_column.")
+    mode: Literal["pairs", "semi", "zero_pair"] = Field(
+        "pairs", description="'pairs': train on rows whose id is in both stores. 'semi': also use the rows without a "
+        "partner (refined closed form + semi-supervised MLP). 'zero_pair': no training pairs at all (two encoders of "
+        "the same inputs only). The test split is always drawn from shared ids and held out.")
+    paired_frac: float = Field(
+        1.0, ge=0.0, le=1.0, description="semi/zero_pair: fraction of the training pairs used as pairs; the rest join "
+        "the unpaired rows (to measure how few pairs suffice). Which ids were pairs is logged as pairing.csv.")
+    semi_steps: int = Field(600, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
     experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
@@ -97,7 +109,7 @@ def check_inputs(params: AlignParams) -> tuple:
     """Open and join the stores, split, read labels and class prompts: every bad input fails HERE, in one line,
     before a run folder or an MLflow run exists. (src, tgt, pairs, projector config, ids, split, task inputs)."""
     src, tgt = EmbeddingStore(params.source_store), EmbeddingStore(params.target_store)
-    pairs = join_stores(src, tgt)
+    pairs = join_stores(src, tgt, allow_disjoint=params.mode != "pairs")
     proj = params.projector
     for side, want, store in (("d_in", proj.d_in, src), ("d_out", proj.d_out, tgt)):
         if want is not None and want != store.dim:
@@ -106,8 +118,16 @@ def check_inputs(params: AlignParams) -> tuple:
     ids = list(pairs.ids)
     split = (load_split(params.split.file, ids) if params.split.file  # a builder's block-aware split
              else make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed))
+    semi = None
+    if params.mode != "pairs":  # pairs, released pairs and unpaired rows; which is which is logged
+        nbytes = (len(src) * src.dim + len(tgt) * tgt.dim) * 4
+        if nbytes > params.in_memory_max_gb * 2**30:
+            raise StoreError(f"mode {params.mode!r} holds both stores in memory ({nbytes / 2**30:.1f} GiB > in_memory_max_gb)")
+        semi = semi_inputs(src, tgt, partition_stores(src, tgt), split, params.paired_frac, params.split.seed)
+        check_pairs(len(semi.xp), len(split["test"]), params.mode, len(pairs))
     check_split(split, params.split.val_frac)  # before any training: tiny stores failed only at evaluation
-    return src, tgt, pairs, pcfg, ids, split, _task_inputs(params, src, tgt, ids, split)
+    task = _task_inputs(params, src, tgt, ids, split)
+    return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
 @flow(name="align", log_prints=True)
@@ -119,6 +139,10 @@ def align(params: AlignParams) -> dict:
         get_run_logger().warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
                                  pairs.dropped_source, pairs.dropped_target)
     data = _datasets(params, pairs, ids, split, Path(src.path).name, Path(tgt.path).name)
+    if "semi" in task:  # train on the budget's pairs only; the val and test splits stay as they are
+        semi = task["semi"]
+        data |= {"train": InMemoryPairs(semi.xp, semi.yp, semi.pair_ids, Path(src.path).name, Path(tgt.path).name),
+                 "fit": (semi.xp, semi.yp)}
     key = params.run_key(src, tgt)
     run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
     fresh = not run_dir.exists()  # an existing folder holds a killed run's checkpoint: resume, never delete it
@@ -183,14 +207,18 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     with tracking.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
                             tags=origins_tags, work=run_dir) as run:  # work: a killed run here is marked KILLED, linked
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
-        baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"])
-        mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
+        baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"]) if len(data["fit"][0]) > 1 else {}
+        if "ridge" in baselines:
+            mlflow.log_metric("ridge_alpha", baselines["ridge"].alpha)
 
         def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
 
-        fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
-                            ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+        if "semi" in task:
+            fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch)
+        else:
+            fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
+                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
         model, result = fit.model, fit.train
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -216,6 +244,19 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             "spaces": {k: dict(v) for k, v in spaces.to_dict(orient="index").items()},
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "kept_ridge_start": fit.kept_start,
             "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
+
+
+def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict, run_dir: Path, callback) -> FitResult:
+    """Modes 'semi' and 'zero_pair': the refined closed form joins the baselines; which ids were pairs is logged."""
+    pd.DataFrame(semi.roles, columns=["id", "role"]).to_csv(run_dir / "pairing.csv", index=False)
+    mlflow.log_artifact(str(run_dir / "pairing.csv"))
+    mlflow.log_params({"mode": params.mode, "paired_frac": params.paired_frac, "n_train_pairs_used": len(semi.xp),
+                       "n_unpaired_source": len(semi.xu), "n_unpaired_target": len(semi.yu)})
+    model, refined = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
+                                   SemiConfig(steps=params.semi_steps), callback)
+    baselines["refined"] = refined
+    history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(refined.history)]
+    return FitResult(model, TrainResult(None, 0, 1, params.semi_steps, False, None, history), None, None, False)
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:

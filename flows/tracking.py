@@ -178,3 +178,18 @@ def stage_run(stage: str, dataset: str, run_name: str, *, experiment: str | None
         if params:
             run.log_params(params)
         yield run
+
+
+def log_report(experiment: str, run_name: str, params: dict[str, Any], series: dict[str, list[tuple[int, float]]],
+               files: list[str | Path], uri: str | None = None) -> str:
+    """One MLflow run for a benchmark report: params, metric series (name -> [(step, value)]) and files such
+    as a plot (``benchmarks/semi.py --mlflow`` logs its R@1-vs-pairs curve this way). Returns the run id."""
+    tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name) as run:
+        mlflow.log_params(params)
+        for name, points in series.items():
+            for step, value in points:
+                mlflow.log_metric(name, value, step=step)
+        for f in files:
+            mlflow.log_artifact(str(f))
+    return run.info.run_id

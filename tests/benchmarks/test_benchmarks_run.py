@@ -54,3 +54,16 @@ def test_search_benchmark_runs(tmp_path):
     r = _run("search.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
     (run,) = r["runs"]
     assert run["same_answers"] and run["top1_correct"] and not run["top_k_imported_torch"]
+
+
+@pytest.mark.timeout(600)
+def test_semi_benchmark_runs(tmp_path):
+    r = _run("semi.py", "--fracs", "0,0.05,1", "--steps", "20", "--hidden", "16", "--max-rows", "400",
+             "--out", str(tmp_path / "semi"), tmp_path=tmp_path)
+    for setting in ("migration", "crossmodal"):
+        rows = r["curves"][setting]
+        assert [row["n_pairs"] for row in rows] == [0, 18, 360]  # 5 % of 360 training rows; test 40 held out
+        assert rows[0]["refined"] is not None and rows[0]["mlp"] is None  # zero pairs: only the zero-pair map
+        assert rows[2]["semi_mlp"] is None and rows[2]["n_unpaired"] == 0  # all paired: nothing unpaired to use
+        assert set(r["at_5pct"][setting]) == {"semi_over_full_mlp", "semi", "best_pairs_only", "beats_pairs_only"}
+    assert (tmp_path / "semi" / "semi_curve.png").stat().st_size > 0
