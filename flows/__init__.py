@@ -17,7 +17,7 @@ _EXPORTS = {
     "ContrastiveParams": "flows.contrastive", "contrastive_train": "flows.contrastive",
     "ExtractParams": "flows.extract", "extract_embeddings": "flows.extract",
     "FinetuneParams": "flows.finetune", "finetune": "flows.finetune",
-    "PipelineConfig": "flows.pipeline", "pipeline": "flows.pipeline",
+    "PipelineParams": "flows.pipeline", "PipelineConfig": "flows.pipeline", "pipeline": "flows.pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
@@ -60,8 +60,10 @@ class AlignParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
-    target: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
+    source_store: str = Field(validation_alias=AliasChoices("source_store", "source"),
+                              description="Source-modality store (.h5), e.g. image embeddings.")
+    target_store: str = Field(validation_alias=AliasChoices("target_store", "target"),
+                              description="Target-modality store (.h5) whose space the projector maps into.")
     projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
     loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
     train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")
@@ -106,7 +108,7 @@ def fit_baselines_task(x_train: np.ndarray, y_train: np.ndarray, cfg: BaselineCo
 def check_inputs(params: AlignParams) -> tuple:
     """Open and join the stores, split, read labels and class prompts: every bad input fails HERE, in one line,
     before a run folder or an MLflow run exists. (src, tgt, pairs, projector config, ids, split, task inputs)."""
-    src, tgt = EmbeddingStore(params.source), EmbeddingStore(params.target)
+    src, tgt = EmbeddingStore(params.source_store), EmbeddingStore(params.target_store)
     pairs = join_stores(src, tgt, allow_disjoint=params.mode != "pairs")
     proj = params.projector
     for side, want, store in (("d_in", proj.d_in, src), ("d_out", proj.d_out, tgt)):
@@ -200,9 +202,10 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
-    exp = tracking.experiment_id(params.experiment or f"xmodal-align-{dataset}")
-    tags = _tags(params, src, tgt, dataset) | run_recovery.claim(exp, run_dir)  # a killed run here: KILLED, linked
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
+    origins_tags = {"source_weights_origin": src.attrs.get("weights_origin", ""),
+                    "target_weights_origin": tgt.attrs.get("weights_origin", "")}
+    with tracking.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
+                            tags=origins_tags, work=run_dir) as run:  # work: a killed run here is marked KILLED, linked
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
         baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"]) if len(data["fit"][0]) > 1 else {}
         if "ridge" in baselines:
@@ -220,7 +223,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "kept_ridge_start": float(fit.kept_start)})
-        run_recovery.fill_history(run.info.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
+        run_recovery.fill_history(run.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}
         preds |= {name: b.predict(x_test) for name, b in baselines.items()}
@@ -229,14 +232,14 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         # safetensors + JSON as a pyfunc model (no pickle), naming both encoders: what `xmodal promote` registers
         served.log_projector_model(run_dir / "projector", src, tgt)
     origins = f"source {src.attrs.get('weights_origin')}, target {tgt.attrs.get('weights_origin')}"
-    md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.info.run_id}` · encoders: {origins} · "
+    md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n\n{reporting.spaces_markdown(spaces)}\n")
     create_markdown_artifact(md, key=_key("align", dataset, str(src.attrs.get("modality")), str(tgt.attrs.get("modality"))))
-    tracking.link_artifact(run.info.run_id, _key("align-mlflow", dataset))
-    print(f"{run_name} [{origins}] -> MLflow run {run.info.run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}"
+    tracking.link_artifact(run.run_id, _key("align-mlflow", dataset))
+    print(f"{run_name} [{origins}] -> MLflow run {run.run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}"
           f"\nspaces (collapse diagnostic):\n{spaces.drop(columns='warning').to_string(float_format=lambda v: f'{v:.4f}')}"
           + "".join(f"\nWARNING: {w}" for w in spaces["warning"] if w))
-    return {"run_id": run.info.run_id, "projector_dir": str(run_dir / "projector"), "run_dir": str(run_dir),
+    return {"run_id": run.run_id, "projector_dir": str(run_dir / "projector"), "run_dir": str(run_dir),
             "metrics": {k: dict(v) for k, v in table.to_dict(orient="index").items()},
             "spaces": {k: dict(v) for k, v in spaces.to_dict(orient="index").items()},
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "kept_ridge_start": fit.kept_start,
@@ -254,15 +257,6 @@ def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict,
     baselines["refined"] = refined
     history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(refined.history)]
     return FitResult(model, TrainResult(None, 0, 1, params.semi_steps, False, None, history), None, None, False)
-
-
-def _tags(params: AlignParams, src, tgt, dataset: str) -> dict:
-    tags = {"xmodal.stage": "align", "xmodal.dataset": dataset, **tracking.source_tags("align"),
-            "source_weights_origin": src.attrs.get("weights_origin", ""),
-            "target_weights_origin": tgt.attrs.get("weights_origin", "")}
-    if params.parent_run_id:
-        tags["mlflow.parentRunId"] = params.parent_run_id
-    return tags
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, get_args
 
 import typer
 
 from flows import _env  # noqa: F401
+from projection.config import LossName, ProjectorConfig
+from projection.contrastive_config import ContrastiveConfig, ContrastiveLossName
+from projection.finetune_config import FinetuneConfig, TaskName, UnfreezePolicy
+
+
+def _choices(literal: Any) -> str:
+    """CLI help for a family, derived from its Literal (which the config validates against)."""
+    return " | ".join(get_args(literal))
+
+
+def _default(model: type, field: str) -> Any:
+    """The config's own default, so the CLI never drifts from Python (tests/flows/test_names.py)."""
+    return model.model_fields[field].default
 
 
 
@@ -52,13 +65,13 @@ def extract(
 
 
 @app.command("build-data")
-def build_data(out: str = typer.Option("data/generated", help="Output folder.")):
+def build_data(out_dir: str = typer.Option("data/generated", help="Output folder.")):
     """Build the offline sample data (digits, sketches, captions; RGB/depth scenes)."""
     from pathlib import Path
 
     from data.build import build_all
 
-    for name, path in build_all(Path(out)).items():
+    for name, path in build_all(Path(out_dir)).items():
         typer.echo(f"{name}: {path}")
 
 
@@ -146,9 +159,10 @@ def promote(
 
 @app.command()
 def align(
-    source: str = typer.Argument(..., help="Source-modality store (.h5)."),
-    target: str = typer.Argument(..., help="Target-modality store (.h5)."),
-    kind: Optional[str] = typer.Option(None, help="Projector: linear | mlp (default mlp)."),
+    source_store: str = typer.Argument(..., help="Source-modality store (.h5)."),
+    target_store: str = typer.Argument(..., help="Target-modality store (.h5)."),
+    kind: Optional[str] = typer.Option(None, help=f"Projector: {_choices(ProjectorConfig.model_fields['kind'].annotation)} "
+                                                 f"(default {_default(ProjectorConfig, 'kind')})."),
     hidden: Optional[int] = typer.Option(None, help="MLP hidden width (default 1024)."),
     depth: Optional[int] = typer.Option(None, help="MLP hidden layers (default 1)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: set by --steps)."),
@@ -157,7 +171,7 @@ def align(
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step."),
     split_seed: Optional[int] = typer.Option(None, help="Salt of the id-hash split."),
     ridge_alphas: Optional[str] = typer.Option(None, help="Ridge alphas to choose from on validation, e.g. '0.1,1,10'."),
-    loss: str = typer.Option("mse", help="Loss terms, e.g. 'mse' or 'mse=1,infonce=0.1'."),
+    loss: str = typer.Option("mse", help=f"Loss terms from {_choices(LossName)}, e.g. 'mse' or 'mse=1,infonce=0.1'."),
     label_column: Optional[str] = typer.Option(None, help="Class labels (ints or strings): class-level R@1, transfer, zero-shot."),
     label_manifest: Optional[str] = typer.Option(None, help="Manifest holding --label-column (default: the stores' own)."),
     class_store: Optional[str] = typer.Option(None, help="Class-prompt store in the target space (zero-shot)."),
@@ -175,7 +189,7 @@ def align(
                "train": {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size},
                "split": {"seed": split_seed}, "baselines": {"ridge_alphas": _floats(ridge_alphas)}}
     config = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in options.items()}
-    config |= {"source": source, "target": target, "loss": {"terms": parse_loss(loss)}, "label_column": label_column,
+    config |= {"source_store": source_store, "target_store": target_store, "loss": {"terms": parse_loss(loss)}, "label_column": label_column,
                "label_manifest": label_manifest, "class_store": class_store, "transfer_column": transfer_column,
                "out_dir": out_dir}
     try:
@@ -196,10 +210,10 @@ def finetune(
     manifest: str = typer.Option(..., help="Manifest with raw inputs and the task column."),
     source_column: str = typer.Option(..., help="Source modality column."),
     source_encoder: str = typer.Option(..., help="Source encoder spec."),
-    task: str = typer.Option("classification", help="classification | regression | retrieval"),
-    unfreeze: str = typer.Option("none", help="none | last_n | all"),
-    last_n: int = typer.Option(1, help="Blocks to unfreeze with --unfreeze last_n."),
-    epochs: int = typer.Option(10, help="Maximum epochs."),
+    task: str = typer.Option(_default(FinetuneConfig, "task"), help=_choices(TaskName)),
+    unfreeze: str = typer.Option(_default(FinetuneConfig, "unfreeze"), help=_choices(UnfreezePolicy)),
+    last_n: int = typer.Option(_default(FinetuneConfig, "last_n"), help="Blocks to unfreeze with --unfreeze last_n."),
+    epochs: int = typer.Option(_default(FinetuneConfig, "epochs"), help="Maximum epochs."),
     split_csv: Optional[str] = typer.Option(None, help="Stage-1 split.csv (keeps test ids unseen)."),
     target_store: Optional[str] = typer.Option(None, help="Target store (retrieval; forgetting metrics)."),
 ):
@@ -214,14 +228,14 @@ def finetune(
 @app.command()
 def pipeline(
     finetune_enabled: bool = typer.Option(False, "--finetune/--no-finetune", help="Run stage 2."),
-    config: Optional[str] = typer.Option(None, help="A JSON file with a full PipelineConfig."),
+    params_file: Optional[str] = typer.Option(None, help="A JSON file with a full PipelineParams."),
 ):
     """The whole pipeline (defaults: the sample data)."""
     from pathlib import Path
 
-    from flows.pipeline import PipelineConfig, pipeline as pipeline_flow
+    from flows.pipeline import PipelineParams, pipeline as pipeline_flow
 
-    cfg = PipelineConfig.model_validate_json(Path(config).read_text()) if config else PipelineConfig()
+    cfg = PipelineParams.model_validate_json(Path(params_file).read_text()) if params_file else PipelineParams()
     if finetune_enabled:
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": True})})
     pipeline_flow(cfg)
@@ -231,7 +245,7 @@ def pipeline(
 def search(
     query: str = typer.Argument(..., help="An image path, a text, or an id held by --source-store."),
     target_store: str = typer.Option(..., "--target-store", "-t", help="Store to search (target space)."),
-    projector: Optional[str] = typer.Option(None, help="Stage-1 projector folder (source -> target space)."),
+    projector_dir: Optional[str] = typer.Option(None, help="Stage-1 projector folder (source -> target space)."),
     source_encoder: Optional[str] = typer.Option(None, help="Encoder spec for the query (default: the source store's)."),
     source_store: Optional[str] = typer.Option(None, help="Store holding the query id / naming its encoder."),
     k: int = typer.Option(10, "-k", help="How many results."),
@@ -240,7 +254,7 @@ def search(
     from projection.search import search as search_fn
 
     try:
-        results = search_fn(query, target_store=target_store, projector_dir=projector, source_encoder=source_encoder,
+        results = search_fn(query, target_store=target_store, projector_dir=projector_dir, source_encoder=source_encoder,
                             source_store=source_store, k=k)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -253,10 +267,10 @@ def contrastive(
     manifest: str = typer.Argument(..., help="Manifest with two image columns (e.g. image, sketch)."),
     column_a: str = typer.Option("image", help="First modality (tower a)."),
     column_b: str = typer.Option("sketch", help="Second modality (tower b)."),
-    loss: str = typer.Option("infonce", help="infonce | siglip | ntxent | triplet | npair | lifted | queue_infonce | contrastive"),
-    epochs: int = typer.Option(3, help="Epochs."),
-    batch_size: int = typer.Option(64, help="Pairs per step (the contrastive batch)."),
-    label_column: Optional[str] = typer.Option("label", help="Labels for class-level retrieval metrics."),
+    loss: str = typer.Option(_default(ContrastiveConfig, "loss"), help=_choices(ContrastiveLossName)),
+    epochs: int = typer.Option(_default(ContrastiveConfig, "epochs"), help="Epochs."),
+    batch_size: int = typer.Option(_default(ContrastiveConfig, "batch_size"), help="Pairs per step (the contrastive batch)."),
+    label_column: Optional[str] = typer.Option(None, help="Labels for class-level retrieval metrics (e.g. 'label')."),
 ):
     """Train two small towers contrastively; prints held-out retrieval, trained vs random init, and the tower specs."""
     from flows.contrastive import ContrastiveParams, contrastive_train

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows import _env  # noqa: F401
 
-import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from encoders.frozen import BadInput
 from encoders.images import load_rgb
@@ -98,89 +99,135 @@ def _load_pairs(manifest: Manifest, params: ContrastiveParams, transform) -> tup
     return keep, torch.stack(xa), torch.stack(xb), bad
 
 
+@dataclass
+class PairData:
+    """Both image columns decoded once, split by id; what training and evaluation read."""
+
+    dataset: str
+    ids: list[str]
+    xa: Any  # (N, 3, H, W) tower-a inputs
+    xb: Any  # (N, 3, H, W) tower-b inputs
+    split: dict[str, Any]  # split name -> row indices
+    test_labels: np.ndarray | None
+    n_skipped: int
+    run_key: str  # settings + both columns' digests: names the run folder (same key -> resume)
+
+
+@task(name="read-pairs", cache_policy=NO_CACHE)
+def read_pairs(params: ContrastiveParams, init: DualEncoder) -> PairData:
+    """Manifest -> decoded, split pairs; bad rows are named (or left out with on_error='skip')."""
+    manifest = Manifest.read(params.manifest)
+    manifest.require(params.column_a), manifest.require(params.column_b)
+    labels_all = dict(zip(manifest.frame["id"], manifest.require(params.label_column))) if params.label_column else None
+    ids, xa, xb, bad = _load_pairs(manifest, params, init.transform())
+    if bad:
+        get_run_logger().warning("skipped %d row(s) whose images did not load, e.g. %s", len({b[0] for b in bad}), bad[:3])
+    split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    if len(split["test"]) == 0:
+        raise ValueError(f"the test split is empty ({len(ids)} rows, test_frac={params.split.test_frac})")
+    test_labels = None if labels_all is None else np.asarray([labels_all[ids[i]] for i in split["test"]])
+    return PairData(manifest.name, ids, xa, xb, split, test_labels, len({x[0] for x in bad}), params.run_key(manifest))
+
+
+@task(name="train-towers", cache_policy=NO_CACHE)
+def train_towers(pairs: PairData, cfg: ContrastiveConfig, run_dir: Path, run: tracking.StageRun):
+    """The shared training loop (checkpointed, resumable); each epoch's figures go to the run."""
+    tr, va = pairs.split["train"], pairs.split["val"]
+
+    def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
+        if event == "epoch":
+            run.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and v == v}, step=int(metrics["epoch"]))
+
+    return train_contrastive(pairs.xa[tr], pairs.xb[tr], cfg, pairs.xa[va], pairs.xb[va],
+                             checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+
+
+@task(name="evaluate-towers", cache_policy=NO_CACHE)
+def evaluate_towers(pairs: PairData, towers: dict, cfg: ContrastiveConfig) -> dict[str, dict[str, float]]:
+    """Held-out retrieval both ways for each named pair of towers."""
+    te = pairs.split["test"]
+    return {name: evaluate_pairs(model, pairs.xa[te], pairs.xb[te], pairs.test_labels, cfg.eval_batch_size, cfg.device)
+            for name, model in towers.items()}
+
+
+def _log_outputs(run: tracking.StageRun, params: ContrastiveParams, rows: dict, result, towers: dict,
+                 run_dir: Path, run_name: str) -> None:
+    run.log_metrics(rows["trained"], prefix="test_")
+    run.log_metrics(rows[RANDOM_INIT], prefix="random_init_test_")
+    run.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.train_seconds,
+                     "resumed_from_epoch": result.resumed_from_epoch or 0})
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "towers"
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        table.to_csv(d / "metrics.csv")
+        (d / "config.json").write_text(params.model_dump_json(indent=2))
+        reporting.loss_curve(result.history, d / "loss_curve.png", run_name)
+        for f in d.iterdir():
+            run.log_file(f)
+    run.log_file(run_dir / "split.csv")
+    for w, folder in towers.items():
+        run.log_dir(folder, artifact_path=f"tower_{w}")
+
+
+def _report(out: "TowersResult", rows: dict, pairs: PairData, params: ContrastiveParams, run_name: str) -> None:
+    a, b, trained = params.column_a, params.column_b, rows["trained"]
+    cols = [c for c in HEADLINE if c in trained]
+    md = (f"### Contrastive towers: {run_name}\n\nMLflow run `{out.run_id}` · {out.n_train} train / {out.n_test} test "
+          f"pairs · chance R@1 = {trained['chance_r1']:.4f} · a = {a}, b = {b} (b2a: {b} queries search {a})\n\n"
+          "| towers | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
+          + "".join(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |\n" for name, m in rows.items())
+          + f"\nTower specs:\n\n- a: `{out.tower_specs['a']}`\n- b: `{out.tower_specs['b']}`\n")
+    create_markdown_artifact(md, key=_key("contrastive", pairs.dataset, a, b))
+    get_run_logger().info("%s: test %s->%s R@1 %.4f (random init %.4f), label_r1 %s -> MLflow run %s", run_name, b, a,
+                          trained["b2a_r1"], rows[RANDOM_INIT]["b2a_r1"], trained.get("b2a_label_r1"), out.run_id)
+
+
+@dataclass
+class TowersResult:
+    """What the flow returns: where the towers are (and their encoder specs), and their test figures."""
+
+    run_id: str
+    run_dir: str
+    tower_dirs: dict[str, str]
+    tower_specs: dict[str, str]
+    metrics: dict[str, float]
+    random_init_metrics: dict[str, float]
+    epochs_run: int
+    resumed_from_epoch: int | None
+    train_seconds: float
+    n_train: int
+    n_test: int
+    weights_origin: str = "trained-contrastive"
+
+
+RANDOM_INIT = "random-init (same towers, untrained)"
+
+
 @flow(name="contrastive-train", log_prints=True)
 def contrastive_train(params: ContrastiveParams) -> dict:
     """Train two (or one shared) image towers contrastively; report held-out retrieval vs the random-init towers."""
-    logger = get_run_logger()
-    cfg = params.config
+    cfg, a, b = params.config, params.column_a, params.column_b
     tracking.tracking_uri(params.tracking_uri)
-    manifest = Manifest.read(params.manifest)
-    manifest.require(params.column_a), manifest.require(params.column_b)
-    labels_all = None
-    if params.label_column:
-        labels_all = dict(zip(manifest.frame["id"], manifest.require(params.label_column)))
-
     init = DualEncoder.from_config(cfg)  # the random-init towers: the exact start of training
-    ids, xa, xb, bad = _load_pairs(manifest, params, init.transform())
-    if bad:
-        logger.warning("skipped %d row(s) whose images did not load, e.g. %s", len({b[0] for b in bad}), bad[:3])
-    split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
-    tr, va, te = split["train"], split["val"], split["test"]
-    if len(te) == 0:
-        raise ValueError(f"the test split is empty ({len(ids)} rows, test_frac={params.split.test_frac})")
-    test_labels = None if labels_all is None else np.asarray([labels_all[ids[i]] for i in te])
-
-    dataset = manifest.name
-    a, b = params.column_a, params.column_b
-    run_dir = Path(params.out_dir) / f"{dataset}-{a}-{b}-{cfg.towers}-{cfg.loss}-{params.run_key(manifest)}"
+    pairs = read_pairs(params, init)
+    run_dir = Path(params.out_dir) / f"{pairs.dataset}-{a}-{b}-{cfg.towers}-{cfg.loss}-{pairs.run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_split(ids, split, run_dir / "split.csv")
-
-    exp = tracking.experiment_id(params.experiment or f"xmodal-contrastive-{dataset}")
-    tags = {"xmodal.stage": "contrastive", "xmodal.dataset": dataset, "weights_origin": "trained-contrastive"}
-    if params.parent_run_id:
-        tags["mlflow.parentRunId"] = params.parent_run_id
-    run_name = f"contrastive {dataset}: {a} <-> {b} ({cfg.towers} towers, {cfg.loss})"
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
-        run_id = run.info.run_id
-        mlflow.log_params({f"contrastive.{k}": json.dumps(v) if isinstance(v, dict) else v
-                           for k, v in cfg.model_dump().items()})
-        mlflow.log_params({f"split.{k}": v for k, v in params.split.model_dump().items()})
-        mlflow.log_params({"manifest": params.manifest, "column_a": a, "column_b": b, "label_column": params.label_column,
-                           "n_train": len(tr), "n_val": len(va), "n_test": len(te), "n_skipped": len({x[0] for x in bad}),
-                           "embed_dim": init.embed_dim, "run_dir": str(run_dir)})
-
-        def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
-            if event == "epoch":
-                mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and v == v},
-                                   step=int(metrics["epoch"]))
-
-        result = train_contrastive(xa[tr], xb[tr], cfg, xa[va], xb[va], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
-        trained = evaluate_pairs(result.model, xa[te], xb[te], test_labels, cfg.eval_batch_size, cfg.device)
-        random_init = evaluate_pairs(init, xa[te], xb[te], test_labels, cfg.eval_batch_size, cfg.device)
-        mlflow.log_metrics({f"test_{k}": v for k, v in trained.items()})
-        mlflow.log_metrics({f"random_init_test_{k}": v for k, v in random_init.items()})
-        mlflow.log_metrics({"epochs_run": result.epochs_run, "train_seconds": result.train_seconds,
-                            "resumed_from_epoch": result.resumed_from_epoch or 0})
-
+    save_split(pairs.ids, pairs.split, run_dir / "split.csv")
+    n = {f"n_{k}": len(v) for k, v in pairs.split.items()}
+    logged = tracking.flatten({"contrastive": cfg.model_dump(), "split": params.split.model_dump()}) | n | {
+        "manifest": params.manifest, "column_a": a, "column_b": b, "label_column": params.label_column,
+        "n_skipped": pairs.n_skipped, "embed_dim": init.embed_dim, "run_dir": str(run_dir)}
+    run_name = f"contrastive {pairs.dataset}: {a} <-> {b} ({cfg.towers} towers, {cfg.loss})"
+    with tracking.stage_run("contrastive", pairs.dataset, run_name, experiment=params.experiment,
+                            parent_run_id=params.parent_run_id, tags={"weights_origin": "trained-contrastive"},
+                            params=logged) as run:
+        result = train_towers(pairs, cfg, run_dir, run)
+        rows = evaluate_towers(pairs, {"trained": result.model, RANDOM_INIT: init}, cfg)
         towers = {w: save_tower(result.model, w, run_dir / f"tower_{w}") for w in ("a", "b")}
-        rows = {"trained": trained, "random-init (same towers, untrained)": random_init}
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table.index.name = "towers"
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            table.to_csv(d / "metrics.csv")
-            (d / "config.json").write_text(params.model_dump_json(indent=2))
-            reporting.loss_curve(result.history, d / "loss_curve.png", run_name)
-            for f in d.iterdir():
-                mlflow.log_artifact(str(f))
-        mlflow.log_artifact(str(run_dir / "split.csv"))
-        for w, folder in towers.items():
-            mlflow.log_artifacts(str(folder), artifact_path=f"tower_{w}")
-
-    specs = {w: tower_spec(folder) for w, folder in towers.items()}
-    cols = [c for c in HEADLINE if c in trained]
-    md = (f"### Contrastive towers: {run_name}\n\nMLflow run `{run_id}` · {len(tr)} train / {len(te)} test pairs · "
-          f"chance R@1 = {trained['chance_r1']:.4f} · a = {a}, b = {b} (b2a: {b} queries search {a})\n\n"
-          "| towers | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
-          + "".join(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |\n" for name, m in rows.items())
-          + f"\nTower specs:\n\n- a: `{specs['a']}`\n- b: `{specs['b']}`\n")
-    create_markdown_artifact(md, key=_key("contrastive", dataset, a, b))
-    logger.info("%s: test %s->%s R@1 %.4f (random init %.4f), label_r1 %s -> MLflow run %s", run_name, b, a,
-                trained["b2a_r1"], random_init["b2a_r1"], trained.get("b2a_label_r1"), run_id)
-    return {"run_id": run_id, "run_dir": str(run_dir),
-            "tower_dirs": {w: str(p) for w, p in towers.items()}, "tower_specs": specs,
-            "metrics": trained, "random_init_metrics": random_init,
-            "epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch,
-            "train_seconds": result.train_seconds, "n_train": len(tr), "n_test": len(te),
-            "weights_origin": "trained-contrastive"}
+        _log_outputs(run, params, rows, result, towers, run_dir, run_name)
+    out = TowersResult(run.run_id, str(run_dir), {w: str(p) for w, p in towers.items()},
+                       {w: tower_spec(folder) for w, folder in towers.items()}, rows["trained"], rows[RANDOM_INIT],
+                       result.epochs_run, result.resumed_from_epoch, result.train_seconds, n["n_train"], n["n_test"])
+    _report(out, rows, pairs, params, run_name)
+    return asdict(out)

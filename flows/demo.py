@@ -35,18 +35,18 @@ def run_demo() -> dict:
     """Run the four jobs, print the stores, the stage-1 tables and stage 2; return every result."""
     import os
 
-    from flows.pipeline import PipelineConfig, pipeline
+    from flows.pipeline import PipelineParams, pipeline
 
     os.chdir(ROOT)  # the defaults (shared with the Prefect deployments) are paths relative to the repo
     console, t0 = Console(width=150), time.perf_counter()  # tables are wider than a default 80-column pipe
     manifests = build_all(ROOT / "data/generated")
-    base = PipelineConfig()  # the same defaults the Prefect deployments use
+    base = PipelineParams()  # the same defaults the Prefect deployments use
     runs = {
         "fashion image -> caption": pipeline(base),
         "fashion sketch -> image": pipeline(base.model_copy(update={
             "source_column": "sketch", "target_column": "image", "target_encoder": base.source_encoder,
             "class_manifest": None})),
-        "stereo rgb -> depth": pipeline(PipelineConfig(
+        "stereo rgb -> depth": pipeline(PipelineParams(
             manifest=str(manifests["stereo"].relative_to(ROOT)), source_column="rgb", target_column="depth",
             source_encoder=STEREO_ENCODER, target_encoder=STEREO_ENCODER, class_manifest=None, label_column=None,
             transfer_column="mean_disparity",

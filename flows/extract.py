@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows import _env  # noqa: F401
 
-import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -286,53 +285,45 @@ def extract_sharded(params: ExtractParams) -> dict:
     return _store_summary(store, manifest, params.column, results, seconds, batch_size)
 
 
+def _extract_once(params: ExtractParams) -> dict:
+    """The store-building task, reusing Prefect's cached result only while its store still exists."""
+    t0 = time.perf_counter()
+    state = extract_store.with_options(refresh_cache=params.refresh)(params, return_state=True)
+    s = state.result()
+    if state.is_completed() and state.name == "Cached":
+        if _store_complete(s["store"]):
+            s = s | {"reused": True, "cached": True}
+        else:  # a cached result whose store was deleted since: rebuild it
+            s = extract_store.with_options(refresh_cache=True)(params)
+    return s | {"task_seconds": time.perf_counter() - t0}  # what the extraction step cost this run
+
+
 @flow(name="extract_embeddings", log_prints=True)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
     tracking.tracking_uri(params.tracking_uri)
     dataset = Manifest.read(params.manifest).name
-    exp = tracking.experiment_id(params.experiment or f"xmodal-extract-{dataset}")
-    tags = {"xmodal.stage": "extract", "xmodal.dataset": dataset, "xmodal.modality": params.column,
-            **tracking.source_tags("extract")}
-    if params.parent_run_id:
-        tags["mlflow.parentRunId"] = params.parent_run_id
     spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
-    tags |= run_recovery.claim(exp, store_path(params.out_dir, dataset, params.column, spec.slug))
-    run = mlflow.MlflowClient().create_run(exp, run_name=f"extract {dataset}/{params.column}", tags=tags)
-    run_id = run.info.run_id
-    try:
-        t0 = time.perf_counter()
-        state = extract_store.with_options(refresh_cache=params.refresh)(params, return_state=True)
-        s = state.result()
-        if state.is_completed() and state.name == "Cached":
-            if _store_complete(s["store"]):
-                s = s | {"reused": True, "cached": True}
-            else:  # a cached result whose store was deleted since: rebuild it
-                s = extract_store.with_options(refresh_cache=True)(params)
-        s = s | {"task_seconds": time.perf_counter() - t0}  # what the extraction step cost this run
-        tracking.log_params(run_id, {
+    with tracking.stage_run("extract", dataset, f"extract {dataset}/{params.column}", experiment=params.experiment,
+                            parent_run_id=params.parent_run_id, tags={"xmodal.modality": params.column},
+                            work=store_path(params.out_dir, dataset, params.column, spec.slug)) as run:
+        run_id = run.run_id
+        s = _extract_once(params)
+        run.log_params({
             "encoder_spec": s["encoder_spec"], "dataset": dataset, "column": params.column, "manifest": params.manifest,
             "N": s["n"], "dim": s["dim"], "dtype": s["dtype"], "batch_size": s["batch_size"],
             "on_error": params.on_error, "store": s["store"], "shards": params.shards,
             "cpu_workers": s.get("cpu_workers", 1),
         })
-        tracking.log_metrics(run_id, {"items_per_s": s["items_per_s"], "errors": s["n_errors"], "n": s["n"],
-                                      "seconds": s["seconds"], "task_seconds": s["task_seconds"],
-                                      "rows_total": s["rows_total"],
-                                      "resumed_from": s["resumed_from"]})
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, "weights_origin", s["weights_origin"])
-        client.set_tag(run_id, "xmodal.weights_digest", s["weights_digest"])
-        client.set_tag(run_id, "xmodal.reused_store", str(s["reused"]).lower())
-        client.set_tag(run_id, "xmodal.prefect_cached", str(s.get("cached", False)).lower())
+        run.log_metrics({k: s[k] for k in ("items_per_s", "n", "seconds", "task_seconds", "rows_total", "resumed_from")}
+                        | {"errors": s["n_errors"]})
+        run.set_tags({"weights_origin": s["weights_origin"], "xmodal.weights_digest": s["weights_digest"],
+                      "xmodal.reused_store": str(s["reused"]).lower(),
+                      "xmodal.prefect_cached": str(s.get("cached", False)).lower()})
         summary = {k: v for k, v in s.items() if k != "errors"}
-        tracking.log_json(run_id, summary, "store_summary.json")
+        run.log_json(summary, "store_summary.json")
         if s["errors_csv"]:
-            tracking.log_file(run_id, s["errors_csv"])
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        mlflow.MlflowClient().set_terminated(run_id, "FAILED")
-        raise
+            run.log_file(s["errors_csv"])
     md = (f"### Extracted {dataset}/{params.column}\n\n| store | N | dim | errors | items/s | weights | MLflow run |\n"
           f"|---|---|---|---|---|---|---|\n| `{Path(s['store']).name}` | {s['n']} | {s['dim']} | {s['n_errors']} | "
           f"{s['items_per_s']:.1f} | {s['weights_origin']} | `{run_id}` |\n")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows._flow_module import expose_flow
 from flows import _env  # noqa: F401
 
-import mlflow
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from encoders.factory import load_encoder
 from encoders.manifest import Manifest, ManifestError
@@ -95,110 +97,157 @@ def _alignment(encoder, projector, items: list, y_target: np.ndarray) -> dict[st
     return alignment_metrics(pred, y_target)
 
 
-@flow(name="finetune", log_prints=True)
-def finetune(params: FinetuneParams) -> dict:
-    """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
-    logger = get_run_logger()
+@dataclass
+class StageTwoInputs:
+    """The task's data, split by id, read and checked before any run exists."""
+
+    dataset: str
+    weights_origin: str  # of the source encoder (pretrained / checkpoint / random-init)
+    items: dict[str, Any]  # id -> raw input (image path or text)
+    parts: dict[str, list[str]]  # split name -> ids
+    data: dict[str, TaskData]  # split name -> (items, targets)
+
+
+@dataclass
+class StageTwoResult:
+    """What the flow returns (and the pipeline's summary reads): before/after on the test split, forgetting."""
+
+    run_id: str
+    task: str
+    metric: str
+    before: dict[str, float]
+    after: dict[str, float]
+    alignment: dict[str, dict[str, float]]
+    model_dir: str
+    resumed_from_epoch: int | None
+    weights_origin: str
+
+
+def _split_ids(params: FinetuneParams, items: dict[str, Any]) -> tuple[list[str], dict]:
+    if params.split_csv:
+        ids = [i for i in pd.read_csv(params.split_csv)["id"].astype(str) if i in items]
+        return ids, load_split(params.split_csv, ids)
+    ids = [i for i, v in items.items() if v is not None]
+    return ids, make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+
+
+def _check_classes(parts: dict[str, list[str]], y: dict[str, np.ndarray]) -> None:
+    seen = set(y["train"].tolist())
+    for name in ("val", "test"):
+        unseen = sorted(set(y[name].tolist()) - seen)
+        if unseen:
+            example = [parts[name][k] for k in range(len(parts[name])) if y[name][k] in unseen][:3]
+            raise ValueError(f"label(s) {unseen} in the {name} split never occur in training "
+                             f"(e.g. ids {example}); a classifier cannot learn them")
+
+
+@task(name="read-task-data", cache_policy=NO_CACHE)
+def read_task_data(params: FinetuneParams) -> StageTwoInputs:
+    """Manifest -> split task data; a missing column or a policy the encoder cannot meet fails here."""
     cfg = params.config
-    tracking.tracking_uri(params.tracking_uri)
     manifest = Manifest.read(params.manifest)
-    encoder_before = load_encoder(params.source_encoder)
-    kind = encoder_before.modality
-    items_all = dict(zip(manifest.frame["id"], manifest.values(params.source_column, kind)))
+    encoder = load_encoder(params.source_encoder)
+    items = dict(zip(manifest.frame["id"], manifest.values(params.source_column, encoder.modality)))
     frame = manifest.frame.drop_duplicates("id").set_index("id")
     _task_targets(params, frame.iloc[:1], list(frame.index[:1]))  # fail fast on a missing task column
-    trainable_prefixes(encoder_before, cfg.unfreeze, cfg.last_n)  # ... and on a policy the encoder cannot meet
-    if params.split_csv:
-        split_ids = pd.read_csv(params.split_csv)
-        ids = [i for i in split_ids["id"].astype(str) if i in items_all]
-        split = load_split(params.split_csv, ids)
-    else:
-        ids = [i for i, v in items_all.items() if v is not None]
-        split = make_split(ids, params.split.val_frac, params.split.test_frac, params.split.seed)
+    trainable_prefixes(encoder, cfg.unfreeze, cfg.last_n)  # ... and on a policy the encoder cannot meet
+    ids, split = _split_ids(params, items)
     parts = {name: [ids[i] for i in idx] for name, idx in split.items()}
     y = {name: _task_targets(params, frame, part) for name, part in parts.items()}
     if cfg.task == "classification":
-        seen = set(y["train"].tolist())
-        for name in ("val", "test"):
-            unseen = sorted(set(y[name].tolist()) - seen)
-            if unseen:
-                example = [parts[name][k] for k in range(len(parts[name])) if y[name][k] in unseen][:3]
-                raise ValueError(f"label(s) {unseen} in the {name} split never occur in training "
-                                 f"(e.g. ids {example}); a classifier cannot learn them")
-    data = {name: TaskData([items_all[i] for i in parts[name]], y[name]) for name in parts}
+        _check_classes(parts, y)
+    data = {name: TaskData([items[i] for i in parts[name]], y[name]) for name in parts}
+    return StageTwoInputs(manifest.name, encoder.origin, items, parts, data)
 
-    run_dir = Path(params.out_dir) / f"{manifest.name}-{cfg.task}-{cfg.unfreeze}-{params.run_key()}"
-    dataset = manifest.name
-    exp = tracking.experiment_id(params.experiment or f"xmodal-finetune-{dataset}")
-    tags = {"xmodal.stage": "finetune", "xmodal.dataset": dataset, "weights_origin": encoder_before.origin,
-            **tracking.source_tags("finetune")}
-    if params.parent_run_id:
-        tags["mlflow.parentRunId"] = params.parent_run_id
-    run_name = f"finetune {dataset}: {cfg.task}, unfreeze={cfg.unfreeze}" + (f"({cfg.last_n})" if cfg.unfreeze == "last_n" else "")
-    metric = TASK_METRIC[cfg.task]
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
-        run_id = run.info.run_id
-        mlflow.log_params({f"finetune.{k}": v for k, v in cfg.model_dump().items()})
-        mlflow.log_params({"projector_dir": params.projector_dir, "manifest": params.manifest,
-                           "source_column": params.source_column, "source_encoder": params.source_encoder,
-                           "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(parts["test"])})
 
-        def logger_for(prefix: str):
-            def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
-                if event == "epoch":
-                    mlflow.log_metrics({f"{prefix}_{k}": v for k, v in metrics.items()
-                                        if v is not None and k != "epoch"}, step=int(metrics.get("epoch", step)))
-            return on_epoch
+def _epoch_logger(run: tracking.StageRun, prefix: str):
+    def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
+        if event == "epoch":
+            run.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"},
+                            step=int(metrics.get("epoch", step)), prefix=f"{prefix}_")
+    return on_epoch
 
-        # before: stage-1 projector + head on frozen features
-        before = frozen_head_baseline(encoder_before, params.projector_dir, data["train"], data["val"], cfg,
-                                      checkpoint_dir=run_dir / "ckpt-before", callback=logger_for("before"))
-        test_before = evaluate_task(before.model, data["test"], cfg.eval_batch_size)
-        # after: the chosen unfreeze policy, from the same stage-1 projector
-        if cfg.unfreeze == "none":
-            after, test_after, encoder_after = before, test_before, encoder_before
-        else:
-            encoder_after = load_encoder(params.source_encoder)
-            after = finetune_model(encoder_after, params.projector_dir, data["train"], data["val"], cfg,
-                                   checkpoint_dir=run_dir / "ckpt-after", callback=logger_for("after"))
-            test_after = evaluate_task(after.model, data["test"], cfg.eval_batch_size)
-        mlflow.log_metrics({f"before_test_{k}": v for k, v in test_before.items()})
-        mlflow.log_metrics({f"after_test_{k}": v for k, v in test_after.items()})
-        mlflow.log_metrics({"resumed_from_epoch": after.resumed_from_epoch or 0,
-                            "n_trainable_encoder": after.n_trainable_encoder})
 
-        forgetting = {}
-        if params.target_store:  # the stage-1 alignment, before and after stage 2
-            tgt = EmbeddingStore(params.target_store).get(parts["test"])
-            items = [items_all[i] for i in parts["test"]]
-            forgetting["stage1"] = _alignment(load_encoder(params.source_encoder), load_projector(params.projector_dir),
-                                              items, tgt)
-            forgetting["after_finetune"] = _alignment(encoder_after, after.model.projector, items, tgt)
-            for name, m in forgetting.items():
-                mlflow.log_metrics({f"alignment_{name}_{k}": v for k, v in m.items()})
-        out_model = save_finetuned(after, run_dir / "model")
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            (d / "config.json").write_text(params.model_dump_json(indent=2))
-            rows = {"before (frozen-feature head)": test_before, f"after (unfreeze={cfg.unfreeze})": test_after}
-            pd.DataFrame.from_dict(rows, orient="index").to_csv(d / "task_metrics.csv")
-            if forgetting:
-                reporting.metrics_table(forgetting).to_csv(d / "alignment_metrics.csv")
-            for f in d.iterdir():
-                mlflow.log_artifact(str(f))
-        mlflow.log_artifacts(str(out_model), artifact_path="finetuned")
-    md = (f"### Stage 2: {run_name}\n\nMLflow run `{run_id}` · encoder weights: {encoder_before.origin}\n\n"
-          f"| | test {metric} |\n|---|---|\n| before (frozen-feature head) | {test_before['metric']:.4f} |\n"
-          f"| after (unfreeze={cfg.unfreeze}) | {test_after['metric']:.4f} |\n")
-    if forgetting:
-        md += "\nStage-1 alignment on the test split:\n\n" + reporting.markdown_table(reporting.metrics_table(forgetting))
-    create_markdown_artifact(md, key=_key("finetune", dataset, cfg.task))
-    tracking.link_artifact(run_id, _key("finetune-mlflow", dataset))
-    logger.info("%s: test %s before %.4f, after %.4f (MLflow run %s)", run_name, metric, test_before["metric"],
-                test_after["metric"], run_id)
-    return {"run_id": run_id, "task": cfg.task, "metric": metric, "before": test_before, "after": test_after,
-            "alignment": forgetting, "model_dir": str(out_model), "resumed_from_epoch": after.resumed_from_epoch,
-            "weights_origin": encoder_before.origin}
+@task(name="train-before-and-after", cache_policy=NO_CACHE)
+def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_dir: Path, run: tracking.StageRun):
+    """(before, after, encoder_after): a head on frozen features, then the unfreeze policy, both resumable."""
+    cfg, data = params.config, inputs.data
+    encoder = load_encoder(params.source_encoder)
+    before = frozen_head_baseline(encoder, params.projector_dir, data["train"], data["val"], cfg,
+                                  checkpoint_dir=run_dir / "ckpt-before", callback=_epoch_logger(run, "before"))
+    if cfg.unfreeze == "none":
+        return before, before, encoder
+    encoder_after = load_encoder(params.source_encoder)
+    after = finetune_model(encoder_after, params.projector_dir, data["train"], data["val"], cfg,
+                           checkpoint_dir=run_dir / "ckpt-after", callback=_epoch_logger(run, "after"))
+    return before, after, encoder_after
+
+
+@task(name="measure-forgetting", cache_policy=NO_CACHE)
+def measure_forgetting(params: FinetuneParams, inputs: StageTwoInputs, encoder_after, after) -> dict:
+    """Stage-1 alignment on the test split with the stage-1 projector and after fine-tuning ({} without a target)."""
+    if not params.target_store:
+        return {}
+    test = inputs.parts["test"]
+    tgt, items = EmbeddingStore(params.target_store).get(test), [inputs.items[i] for i in test]
+    return {"stage1": _alignment(load_encoder(params.source_encoder), load_projector(params.projector_dir), items, tgt),
+            "after_finetune": _alignment(encoder_after, after.model.projector, items, tgt)}
+
+
+def _log_outputs(run: tracking.StageRun, params: FinetuneParams, out: StageTwoResult, after) -> None:
+    run.log_metrics(out.before, prefix="before_test_")
+    run.log_metrics(out.after, prefix="after_test_")
+    run.log_metrics({"resumed_from_epoch": after.resumed_from_epoch or 0, "n_trainable_encoder": after.n_trainable_encoder})
+    for name, m in out.alignment.items():
+        run.log_metrics(m, prefix=f"alignment_{name}_")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "config.json").write_text(params.model_dump_json(indent=2))
+        rows = {"before (frozen-feature head)": out.before, f"after (unfreeze={params.config.unfreeze})": out.after}
+        pd.DataFrame.from_dict(rows, orient="index").to_csv(d / "task_metrics.csv")
+        if out.alignment:
+            reporting.metrics_table(out.alignment).to_csv(d / "alignment_metrics.csv")
+        for f in d.iterdir():
+            run.log_file(f)
+    run.log_dir(out.model_dir, artifact_path="finetuned")
+
+
+def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, task_name: str) -> None:
+    md = (f"### Stage 2: {run_name}\n\nMLflow run `{out.run_id}` · encoder weights: {out.weights_origin}\n\n"
+          f"| | test {out.metric} |\n|---|---|\n| before (frozen-feature head) | {out.before['metric']:.4f} |\n"
+          f"| after (unfreeze={unfreeze}) | {out.after['metric']:.4f} |\n")
+    if out.alignment:
+        md += "\nStage-1 alignment on the test split:\n\n" + reporting.markdown_table(reporting.metrics_table(out.alignment))
+    create_markdown_artifact(md, key=_key("finetune", dataset, task_name))
+    tracking.link_artifact(out.run_id, _key("finetune-mlflow", dataset))
+    get_run_logger().info("%s: test %s before %.4f, after %.4f (MLflow run %s)", run_name, out.metric,
+                          out.before["metric"], out.after["metric"], out.run_id)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(params: FinetuneParams) -> dict:
+    """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
+    cfg = params.config
+    tracking.tracking_uri(params.tracking_uri)
+    inputs = read_task_data(params)
+    run_dir = Path(params.out_dir) / f"{inputs.dataset}-{cfg.task}-{cfg.unfreeze}-{params.run_key()}"
+    run_name = (f"finetune {inputs.dataset}: {cfg.task}, unfreeze={cfg.unfreeze}"
+                + (f"({cfg.last_n})" if cfg.unfreeze == "last_n" else ""))
+    logged = {"projector_dir": params.projector_dir, "manifest": params.manifest, "source_column": params.source_column,
+              "source_encoder": params.source_encoder, **{f"n_{k}": len(v) for k, v in inputs.parts.items()},
+              **{f"finetune.{k}": v for k, v in cfg.model_dump().items()}}
+    with tracking.stage_run("finetune", inputs.dataset, run_name, experiment=params.experiment,
+                            parent_run_id=params.parent_run_id, tags={"weights_origin": inputs.weights_origin},
+                            params=logged) as run:
+        before, after, encoder_after = train_before_and_after(params, inputs, run_dir, run)
+        test_before = evaluate_task(before.model, inputs.data["test"], cfg.eval_batch_size)
+        test_after = test_before if after is before else evaluate_task(after.model, inputs.data["test"], cfg.eval_batch_size)
+        out = StageTwoResult(run.run_id, cfg.task, TASK_METRIC[cfg.task], test_before, test_after,
+                             measure_forgetting(params, inputs, encoder_after, after),
+                             str(save_finetuned(after, run_dir / "model")), after.resumed_from_epoch, inputs.weights_origin)
+        _log_outputs(run, params, out, after)
+    _report(out, run_name, cfg.unfreeze, inputs.dataset, cfg.task)
+    return asdict(out)
 
 
 expose_flow(__name__, "finetune")  # `from flows import finetune` calls the flow; `flows.finetune.X` is the module's

@@ -19,7 +19,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, run_recovery, tracking
+from flows import reporting, tracking
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
@@ -37,7 +37,7 @@ LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"
 # schema, and the Prefect UI's run form (the deployment's parameters merged over that schema) then showed and
 # submitted each nested class's own defaults (stage 2: unfreeze 'none' and encoder_lr 1e-5, not 'last_n' and 1e-4).
 # tests/flows/test_parameter_schemas.py checks that every default in the schema equals the Python one.
-class AlignSettings(BaseModel):
+class AlignStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
     loss: LossConfig = Field(LossConfig(), description="Stage-1 objective (MSE by default).")
@@ -46,14 +46,14 @@ class AlignSettings(BaseModel):
     baselines: BaselineConfig = Field(BaselineConfig(), description="Closed-form baselines.")
 
 
-class FinetuneSettings(BaseModel):
+class FinetuneStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="Run stage 2 after stage 1.")
     config: FinetuneConfig = Field(FinetuneConfig(unfreeze="last_n", last_n=1, epochs=5, encoder_lr=1e-4),
                                    description="Task, unfreeze policy, learning rates.")
 
 
-class PipelineConfig(BaseModel):
+class PipelineParams(BaseModel):
     """Everything one pipeline run needs. Relative paths resolve against the working folder."""
 
     model_config = ConfigDict(extra="forbid")
@@ -71,8 +71,8 @@ class PipelineConfig(BaseModel):
                                      "R@1, the transfer figure, and zero-shot when class_manifest is set.")
     transfer_column: str | None = Field(None, description="Manifest column for the cross-modal transfer figure "
                                         "(classes or numbers, e.g. mean_disparity); default: label_column.")
-    align: AlignSettings = Field(AlignSettings(), description="Stage 1.")
-    finetune: FinetuneSettings = Field(FinetuneSettings(), description="Stage 2 (optional).")
+    align: AlignStageParams = Field(AlignStageParams(), description="Stage 1.")
+    finetune: FinetuneStageParams = Field(FinetuneStageParams(), description="Stage 2 (optional).")
     register_model: str | None = Field(None, description="After the run, register its projector in the MLflow Model "
                                        "Registry under this name (empty: do not register).")
     register_alias: str = Field("champion", description="Alias the registered version gets (with register_model).")
@@ -91,7 +91,7 @@ def ensure_sample_data(*paths: str | None) -> None:
         build_all(SAMPLE)
 
 
-def run_label(c: PipelineConfig, dataset: str | None = None) -> str:
+def run_label(c: PipelineParams, dataset: str | None = None) -> str:
     """'digits: image -> caption, mlp (+ stage 2)': what tells one run from the next in both UIs."""
     dataset = dataset or _dataset_name(c.manifest)
     return (f"{dataset}: {c.source_column} -> {c.target_column}, {c.align.projector.kind}"
@@ -106,65 +106,59 @@ def _dataset_name(manifest: str) -> str:
 def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
-    config = flow_run.parameters.get("config", PipelineConfig())
-    return run_label(config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config))
+    params = flow_run.parameters.get("params", PipelineParams())
+    return run_label(params if isinstance(params, PipelineParams) else PipelineParams.model_validate(params))
+
+
+def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict | None]:
+    """extract (source, target, class prompts) -> align -> optional finetune, each a subflow under the parent run."""
+    stores = f"{c.out_dir}/stores"
+    extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
+        manifest=manifest, column=column, encoder=encoder, out_dir=stores, refresh=c.refresh, **common))
+    src = extract(c.manifest, c.source_column, c.source_encoder)
+    tgt = extract(c.manifest, c.target_column, c.target_encoder)
+    cls = extract(c.class_manifest, c.class_column, c.target_encoder) if c.class_manifest and c.label_column else None
+    a = c.align
+    stage1 = align(AlignParams(source_store=src["store"], target_store=tgt["store"], projector=a.projector, loss=a.loss,
+                               train=a.train, split=a.split, baselines=a.baselines,
+                               label_column=c.label_column, label_manifest=c.manifest,
+                               transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
+                               out_dir=f"{c.out_dir}/align", **common))
+    stage2 = None
+    if c.finetune.enabled:
+        stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.manifest,
+                                         source_column=c.source_column, source_encoder=c.source_encoder,
+                                         config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
+                                         target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
+    return [src, tgt] + ([cls] if cls else []), stage1, stage2
 
 
 @flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
-    c = config
+    c = params
     uri = tracking.tracking_uri(c.tracking_uri)
     ensure_sample_data(c.manifest, c.class_manifest)
     from encoders.manifest import Manifest
 
     dataset = Manifest.read(c.manifest).name
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
-    exp = tracking.experiment_id(experiment)
-    client = mlflow.MlflowClient()
     # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
     run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
-    parent = client.create_run(exp, run_name=run_name, tags={"xmodal.stage": "pipeline", "xmodal.dataset": dataset,
-                                                             "prefect.flow_run_id": str(flow_run.id),
-                                                             **tracking.source_tags("pipeline")}
-                               | run_recovery.claim(exp, f"pipeline:{c.model_dump_json()}"))
-    pid = parent.info.run_id
-    common = {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid}
-    try:
-        tracking.log_params(pid, tracking.flatten(c.model_dump(mode="json")))  # the whole config, as run
-        stores = f"{c.out_dir}/stores"
-        extract = lambda manifest, column, encoder: extract_embeddings(ExtractParams(  # noqa: E731
-            manifest=manifest, column=column, encoder=encoder, out_dir=stores, refresh=c.refresh, **common))
-        src = extract(c.manifest, c.source_column, c.source_encoder)
-        tgt = extract(c.manifest, c.target_column, c.target_encoder)
-        cls = (extract(c.class_manifest, c.class_column, c.target_encoder)
-               if c.class_manifest and c.label_column else None)
-        a = c.align
-        stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector=a.projector, loss=a.loss,
-                                   train=a.train, split=a.split, baselines=a.baselines,
-                                   label_column=c.label_column, label_manifest=c.manifest,
-                                   transfer_column=c.transfer_column, class_store=cls["store"] if cls else None,
-                                   out_dir=f"{c.out_dir}/align", **common))
-        stage2 = None
-        if c.finetune.enabled:
-            stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.manifest,
-                                             source_column=c.source_column, source_encoder=c.source_encoder,
-                                             config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
-                                             target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
-        extracts = [src, tgt] + ([cls] if cls else [])
+    with tracking.stage_run("pipeline", dataset, run_name, experiment=experiment,
+                            tags={"prefect.flow_run_id": str(flow_run.id)}, work=f"pipeline:{c.model_dump_json()}",
+                            params=tracking.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
+        pid = run.run_id
+        extracts, stage1, stage2 = _stages(c, {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid})
         summary = evaluate(pid, experiment, stage1, stage2, extracts)
         registered = None
         if c.register_model:
             from flows.promote import promote
 
             registered = promote(stage1["run_id"], c.register_model, c.register_alias)
-        client.set_terminated(pid, "FINISHED")
-    except BaseException:
-        client.set_terminated(pid, "FAILED")
-        raise
     # the summary belongs to the pipeline's own flow run (its Artifacts tab), not to a subflow
     create_markdown_artifact(summary_markdown(pid, extracts, stage1, stage2, registered), key=_key("pipeline-summary"))
     tracking.link_artifact(pid, _key("pipeline-mlflow"))
@@ -198,12 +192,19 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
 @flow(name="evaluate", log_prints=True)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
-    client = mlflow.MlflowClient()
-    exp = tracking.experiment_id(experiment)
-    run = client.create_run(exp, run_name="evaluate", tags={"xmodal.stage": "evaluate",
-                                                            "mlflow.parentRunId": parent_run_id,
-                                                            **tracking.source_tags("pipeline")})
-    rid = run.info.run_id
+    dataset = extracts[0]["dataset"] if extracts else "data"
+    with tracking.stage_run("evaluate", dataset, "evaluate", experiment=experiment, parent_run_id=parent_run_id,
+                            flow="pipeline") as run:
+        headline = _headline(stage1, stage2)
+        for target in (run.run_id, parent_run_id):
+            tracking.log_metrics(target, headline)
+        run.log_json({"stage1": stage1["metrics"], "weights_origin": stage1["weights_origin"],
+                      "stage2": stage2 and {k: stage2[k] for k in ("task", "before", "after", "alignment")}},
+                     "evaluation.json")
+    return headline | {"evaluate_run_id": run.run_id}
+
+
+def _headline(stage1: dict, stage2: dict | None) -> dict[str, float]:
     # every stage-1 row: the projector as stage1_*, each baseline as stage1_<name>_* (what compare shows)
     headline = {f"stage1_{k}": v for k, v in stage1["metrics"]["projector"].items()}
     for name, m in stage1["metrics"].items():
@@ -214,13 +215,9 @@ def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | N
                      f"stage2_after_{stage2['metric']}": stage2["after"]["metric"]}
         for name, m in stage2["alignment"].items():
             headline |= {f"alignment_{name}_{k}": v for k, v in m.items() if k in ("mse", "cosine", "p2t_r1")}
-    for target in (rid, parent_run_id):
-        tracking.log_metrics(target, headline)
-    tracking.log_json(rid, {"stage1": stage1["metrics"], "stage2": stage2 and {k: stage2[k] for k in
-                                                                              ("task", "before", "after", "alignment")},
-                            "weights_origin": stage1["weights_origin"]}, "evaluation.json")
-    client.set_terminated(rid, "FINISHED")
-    return headline | {"evaluate_run_id": rid}
+    return headline
 
+
+PipelineConfig = PipelineParams  # the name before issue 13 (one suffix for a flow's input: *Params)
 
 expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's

@@ -1,7 +1,8 @@
 """MLflow wiring: where runs go, and small helpers that log with an explicit run id.
 
 MLflow's active run is thread-local, and Prefect runs tasks on worker threads, so everything here
-takes a ``run_id`` instead of relying on ``mlflow.active_run()``.
+takes a ``run_id`` instead of relying on ``mlflow.active_run()``. ``stage_run`` is the one way a flow
+opens its MLflow run: experiment, tags, parent, params and end state in one place, not a prologue per flow.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flows import _env  # noqa: F401
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from flows import mlflow_store
+from flows import mlflow_store, run_recovery
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -122,6 +125,59 @@ def link_artifact(run_id: str, key: str) -> None:
     run = MlflowClient().get_run(run_id)
     create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
                          link_text=f"MLflow run {run.info.run_name or run_id}", key=key)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """An open MLflow run of one stage; every log call names it by id (safe from task threads)."""
+
+    run_id: str
+    experiment_id: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        log_params(self.run_id, params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        log_metrics(self.run_id, {f"{prefix}{k}": v for k, v in metrics.items()}, step)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        log_json(self.run_id, obj, name)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        log_file(self.run_id, path, artifact_path)
+
+    def log_dir(self, path: str | Path, artifact_path: str | None = None) -> None:
+        MlflowClient().log_artifacts(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        client = MlflowClient()
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, str(v))
+
+
+@contextmanager
+def stage_run(stage: str, dataset: str, run_name: str, *, experiment: str | None = None,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+              params: dict[str, Any] | None = None, work: str | Path | None = None,
+              flow: str | None = None) -> Iterator[StageRun]:
+    """The MLflow run of one stage: FINISHED when the block ends, FAILED when it raises (KILLED if killed,
+    found by the next run of the same ``work``, see run_recovery).
+
+    Experiment ``xmodal-<stage>-<dataset>`` unless named; tags name the stage, dataset, the flow as the
+    run's source and the parent run. The run is also the thread's active run (nested under any active
+    parent), so MLflow's fluent-only calls (``pyfunc.log_model``) land in it too.
+    """
+    exp = experiment_id(experiment or f"xmodal-{stage}-{dataset}")
+    all_tags = {"xmodal.stage": stage, "xmodal.dataset": dataset, **source_tags(flow or stage), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if work is not None:
+        all_tags |= run_recovery.claim(exp, work)  # a killed run of the same work: KILLED, linked
+    run = StageRun(MlflowClient().create_run(exp, run_name=run_name, tags=all_tags).info.run_id, exp)
+    with mlflow.start_run(run_id=run.run_id, nested=True):  # exit ends it: FAILED on an exception
+        if params:
+            run.log_params(params)
+        yield run
 
 
 def log_report(experiment: str, run_name: str, params: dict[str, Any], series: dict[str, list[tuple[int, float]]],

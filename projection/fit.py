@@ -26,7 +26,8 @@ from projection.config import LossConfig, ProjectorConfig, TrainConfig, resolve_
 from projection.losses import build_loss
 from projection.projector import Projector, make_projector
 from projection.metrics import bidirectional_ranks
-from projection.train import Callback, TrainResult, evaluate_loss, predict, train_projector
+from projection.loop import Callback
+from projection.train import TrainResult, evaluate_loss, predict, train_projector
 
 
 # Relative val-loss gain the trained weights need over the ridge start. Measured (benchmarks/defaults.py):

@@ -25,12 +25,12 @@ def digits_stores(prefect_server, mlflow_uri, sample_data, tmp_path_factory) -> 
 
 def small_digits_config(sample_data, out, rows: int = 200, **kw):
     """The digits pipeline on its first rows (same folder, so image paths hold)."""
-    from flows import PipelineConfig
+    from flows import PipelineParams
 
     small = sample_data["digits"].parent / f"manifest_{rows}.csv"
     if not small.exists():
         pd.read_csv(sample_data["digits"]).head(rows).to_csv(small, index=False)
-    return PipelineConfig.model_validate({"manifest": str(small), "class_manifest": str(sample_data["digit_classes"]),
+    return PipelineParams.model_validate({"manifest": str(small), "class_manifest": str(sample_data["digit_classes"]),
                                           "source_encoder": f"open_clip:image:{TINY_RN}?batch_size=256",
                                           "out_dir": str(out), **kw})
 

@@ -8,7 +8,7 @@ from prefect import Flow
 
 
 @pytest.mark.parametrize("name,params", [("align", "AlignParams"), ("finetune", "FinetuneParams"),
-                                         ("pipeline", "PipelineConfig")])
+                                         ("pipeline", "PipelineParams")])
 def test_module_and_flow_share_a_name(name, params):
     module = importlib.import_module(f"flows.{name}")
     exec(f"import flows.{name} as m", globals())

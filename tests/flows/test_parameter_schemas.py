@@ -9,7 +9,7 @@ import re
 import pytest
 from prefect.utilities.callables import parameter_schema
 
-from flows import PipelineConfig, pipeline
+from flows import PipelineParams, pipeline
 from tests_support import deployment_flows, descriptions, form_values, python_values
 
 DEPLOYMENTS = deployment_flows()
@@ -25,13 +25,13 @@ def test_the_run_form_submits_the_flows_python_defaults(dep, flow):
 
 
 def test_the_pipeline_schema_alone_carries_pipelineconfig_defaults():
-    """With no deployment parameters at all (a flow served or deployed from Python), the form is PipelineConfig()."""
+    """With no deployment parameters at all (a flow served or deployed from Python), the form is PipelineParams()."""
     schema = parameter_schema(pipeline.fn).model_dump()
-    form = form_values(schema)["config"]
-    assert form == PipelineConfig().model_dump(mode="json")
+    form = form_values(schema)["params"]
+    assert form == PipelineParams().model_dump(mode="json")
     # the figures the issue found wrong in the form, named: stage-2 policy, loss terms
     assert (form["finetune"]["config"]["unfreeze"], form["finetune"]["config"]["encoder_lr"]) == ("last_n", 1e-4)
     assert form["align"]["loss"]["terms"] == {"mse": 1.0}
     # and the partial parameters the pipeline deployment ships keep every other default
-    partial = form_values(schema, {"config": {"finetune": {"enabled": True}}})["config"]
-    assert partial == PipelineConfig(finetune={"enabled": True}).model_dump(mode="json")
+    partial = form_values(schema, {"params": {"finetune": {"enabled": True}}})["params"]
+    assert partial == PipelineParams(finetune={"enabled": True}).model_dump(mode="json")

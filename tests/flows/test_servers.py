@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows import PipelineConfig, pipeline
+from flows import PipelineParams, pipeline
 from flows.tracking import TrackingUnavailable
 from tests_support import ROOT, TINY_RN, deployment_flows, form_values, python_values
 
@@ -63,7 +63,7 @@ def _small_config(sample_data, out: Path, **kw) -> dict:
     small = sample_data["digits"].parent / "manifest_400.csv"
     if not small.exists():
         pd.read_csv(sample_data["digits"]).head(400).to_csv(small, index=False)
-    return PipelineConfig(manifest=str(small), class_manifest=str(sample_data["digit_classes"]),
+    return PipelineParams(manifest=str(small), class_manifest=str(sample_data["digit_classes"]),
                           source_encoder=f"open_clip:image:{TINY_RN}?batch_size=256", out_dir=str(out),
                           align={"train": {"epochs": 3, "batch_size": 128}}, **kw).model_dump(mode="json")
 
@@ -116,14 +116,14 @@ def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample
                     stored = client.read_deployment_by_name(f"{flow.name}/{entry['name']}")
                     given = stored.parameters
                     assert form_values(stored.parameter_openapi_schema, given) == python_values(flow, given), entry["name"]
-                schema_defaults = form_values(dep.parameter_openapi_schema)["config"]
+                schema_defaults = form_values(dep.parameter_openapi_schema)["params"]
             # a parameter of the wrong type is refused before any run starts, naming the field
             with pytest.raises(Exception, match="epochs"):
                 run_deployment("pipeline/pipeline", timeout=0,
-                               parameters={"config": {"align": {"train": {"epochs": "many"}}}})
+                               parameters={"params": {"align": {"train": {"epochs": "many"}}}})
             # exactly the schema's defaults, with only data size, epochs and where things go made small and equal
             small = _small_overrides(sample_data, tmp_path)
-            params = {"config": _deep_merge(schema_defaults, small)}
+            params = {"params": _deep_merge(schema_defaults, small)}
             flow_run = run_deployment("pipeline/pipeline", parameters=params, timeout=540)
             assert flow_run.state.is_completed(), (flow_run.state, (home / "worker.log").read_text()[-3000:])
             with get_client(sync_client=True) as client:  # this server saw only this pipeline run
@@ -136,8 +136,8 @@ def test_deployments_run_on_a_real_prefect_server_and_worker(prefect_api, sample
     finally:
         _stop(worker)
         log.close()
-    # the same config from Python, pipeline(PipelineConfig(...)), logs the same parameters on its parent run
-    local = pipeline(PipelineConfig.model_validate(_deep_merge(PipelineConfig().model_dump(mode="json"), small)))
+    # the same config from Python, pipeline(PipelineParams(...)), logs the same parameters on its parent run
+    local = pipeline(PipelineParams.model_validate(_deep_merge(PipelineParams().model_dump(mode="json"), small)))
     client = MlflowClient(tracking_uri=small["tracking_uri"])
     parents = client.search_runs([client.get_experiment_by_name(small["experiment"]).experiment_id],
                                  "tags.`xmodal.stage` = 'pipeline'")
@@ -186,7 +186,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.server
 def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_server, sample_data, tmp_path):
-    cfg = PipelineConfig.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=mlflow_server,
+    cfg = PipelineParams.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=mlflow_server,
                                                       experiment="xmodal-over-http"))
     result = pipeline(cfg)
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -209,7 +209,7 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_
 
 def test_unreachable_tracking_server_fails_before_any_compute(prefect_server, sample_data, tmp_path):
     dead = f"http://127.0.0.1:{_free_port()}"
-    cfg = PipelineConfig.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=dead))
+    cfg = PipelineParams.model_validate(_small_config(sample_data, tmp_path / "runs", tracking_uri=dead))
     t0 = time.perf_counter()
     with pytest.raises(TrackingUnavailable, match=r"not reachable"):
         pipeline(cfg)
