@@ -83,7 +83,7 @@ def bare_run(args, paths: list[str], labels, bf16: bool, step_flops: list | None
     import torch.nn.functional as F
     from PIL import Image
 
-    from projection.train import warmup_cosine
+    from projection.loop import warmup_cosine
 
     model, preprocess = bare_setup(args)
     t0 = time.perf_counter()  # like the project's side: timed from a built model (load_encoder is outside too)
