@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -280,8 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c) and (d); figures are best-of")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (images, stores, mlflow.db)")
     ap.add_argument("--mem-child", nargs=2, metavar=("MANIFEST", "OUT_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--decode-child", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     threads = args.threads or default_threads()
+
+    if args.decode_child:
+        print(json.dumps(fast.run_decode(Path(args.decode_child), default_threads(), args.rounds, {})))
+        return
 
     if args.mem_child:
         mem_child(*args.mem_child, threads=threads)
@@ -371,7 +377,16 @@ def run_fast_paths(args, tmp: Path, threads: int, result: dict, timings: dict) -
         print(f"\n(d) decode only: {n} PNGs through encoders.loader, {args.rounds} rounds", flush=True)
         with phase(f"generate {n} PNGs for (d)", timings):
             manifest = write_images(tmp / "decode-images", n, seed=2)
-        result["decode"] = fast.run_decode(manifest, default_threads(), args.rounds, timings)
+        # In a fresh process, as a user's extraction starts: forking decode workers from a process that
+        # has run Prefect flows (their server threads and at-fork state) failed now and then here
+        # ("DataLoader worker exited unexpectedly"), which says nothing about the input pipeline.
+        with phase("decode-only child", timings):
+            proc = subprocess.run([sys.executable, __file__, "--decode-child", str(manifest), "--rounds", str(args.rounds)],
+                                  capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"decode-only child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        print("\n".join(l for l in proc.stdout.splitlines()[:-1]), flush=True)
+        result["decode"] = json.loads(proc.stdout.splitlines()[-1])
     if "precision" in result and "decode" in result:
         result["gpu_plan"] = fast.gpu_plan(result["precision"], result["decode"])
 
