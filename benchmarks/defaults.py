@@ -117,17 +117,21 @@ def run_set(x: np.ndarray, y: np.ndarray, train_cfg: TrainConfig, proj_over: dic
     return {"n": len(x), "d_in": x.shape[1], "d_out": y.shape[1], "mlp_r1": mlp["p2t_r1"], "ridge_r1": rdg["p2t_r1"],
             "mlp_t2p_r1": mlp["t2p_r1"], "ridge_t2p_r1": rdg["t2p_r1"], "mlp_mse": mlp["mse"], "ridge_mse": rdg["mse"],
             "ridge_alpha": ridge.alpha, "epochs_run": fit.train.epochs_run, "steps": fit.train.steps,
-            "kept_ridge_start": fit.kept_start, "train_s": round(seconds, 2)}
+            "kept_ridge_start": fit.kept_start, "keep_p": fit.trained_val["keep_p"], "train_s": round(seconds, 2)}
 
 
 def store_set(spec: str):
-    """NAME=SRC.h5:TGT.h5 -> (name, x, y, target content groups by vector)."""
+    """NAME=SRC.h5:TGT.h5 -> (name, x, y, groups): groups are the targets' contents (one caption for many
+    images ties exactly, as in `xmodal align`), None when the target store's manifest is not found."""
     from encoders.store import join_stores
+    from flows.labels import content_ids
 
     name, paths = spec.split("=", 1)
     src, tgt = paths.split(":")
-    x, y = join_stores(src, tgt).arrays()
-    return name, x, y
+    pairs = join_stores(src, tgt)
+    x, y = pairs.arrays()
+    groups = content_ids(pairs.target, list(pairs.ids))
+    return name, x, y, None if groups is None else np.asarray(groups)
 
 
 def repo_digits_stores(out: Path) -> dict[str, str]:
@@ -173,21 +177,21 @@ def main() -> None:
     args = ap.parse_args()
     train_over, proj_over = _overrides(args.set)
     train_cfg = TrainConfig(**train_over)
-    sets = synthetic_sets(args.quick) | sklearn_sets(args.quick)
+    sets = {k: (x, y, None) for k, (x, y) in (synthetic_sets(args.quick) | sklearn_sets(args.quick)).items()}
     specs = list(args.stores)
     if not args.no_repo:
         specs += [f"{k}={v}" for k, v in repo_digits_stores(Path(args.store_dir)).items()]
     for spec in specs:
-        name, x, y = store_set(spec)
-        sets[name] = (x, y)
+        name, x, y, groups = store_set(spec)
+        sets[name] = (x, y, groups)
     only = [s for s in args.only.split(",") if s]
     rows = {}
     print(f"{'set':44s} {'n':>6s} {'dims':>9s} {'MLP R@1':>8s} {'ridge':>6s} {'MLP t2p':>8s} {'ridge':>6s} "
           f"{'kept':>5s} {'steps':>5s} {'s':>6s}", flush=True)
-    for name, (x, y) in sets.items():
+    for name, (x, y, groups) in sets.items():
         if only and not any(o in name for o in only):
             continue
-        r = rows[name] = run_set(x, y, train_cfg, proj_over)
+        r = rows[name] = run_set(x, y, train_cfg, proj_over, groups)
         print(f"{name:44s} {r['n']:6d} {r['d_in']:4d}>{r['d_out']:<4d} {r['mlp_r1']:8.3f} {r['ridge_r1']:6.3f} "
               f"{r['mlp_t2p_r1']:8.3f} {r['ridge_t2p_r1']:6.3f} {str(r['kept_ridge_start'])[0]:>5s} {r['steps']:5d} "
               f"{r['train_s']:6.1f}", flush=True)

@@ -84,7 +84,7 @@ class ProjectorModel(mlflow.pyfunc.PythonModel):
             self._check_modality(items, encoder.spec)
             emb = torch.cat([encoder.encode_items(items[i:i + 64]) for i in range(0, len(items), 64)])
         with torch.inference_mode():
-            return self.projector(emb.float()).numpy()
+            return self.projector(emb.float()).float().numpy()
 
     def _encoder(self):
         """The source encoder, once; refused when its weights are not the ones the projector was trained on."""

@@ -74,8 +74,9 @@ class RidgeBaseline:
         return self._a, self._c
 
     def predict(self, x) -> np.ndarray:
-        x = _as_2d_float(x)
-        return (x @ self._a.astype(x.dtype) + self._c.astype(x.dtype))  # (N, D_src) -> (N, D_tgt)
+        """float64 always: in collapsed spaces float32 rounding (~1e-7) reorders the top candidates."""
+        x = _as_2d_float(x).astype(np.float64, copy=False)
+        return x @ self._a + self._c  # (N, D_src) -> (N, D_tgt)
 
 
 def _ridge_path(x, y, alphas, x_val, y_val, fit_intercept: bool, standardize: bool):

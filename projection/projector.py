@@ -73,11 +73,12 @@ class Projector(nn.Module):
         """
         if not self.cfg.standardize:
             return
-        x = torch.as_tensor(x, dtype=torch.float32)
+        dtype = self.in_mean.dtype  # float64 for a kept ridge start (projection.fit)
+        x = torch.as_tensor(x).to(dtype)
         self.in_mean.copy_(x.mean(0))
         self.in_std.copy_(x.std(0).clamp_min(1e-6))
         if y is not None and not self.cfg.residual:
-            y = torch.as_tensor(y, dtype=torch.float32)
+            y = torch.as_tensor(y).to(dtype)
             self.out_mean.copy_(y.mean(0))
             self.out_std.copy_(y.std(0).clamp_min(1e-6))
 
@@ -107,6 +108,7 @@ class Projector(nn.Module):
             self.skip.requires_grad_(self.cfg.train_linear_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.in_mean.dtype)  # a no-op but for a float64 projector (a kept ridge start)
         z = (x - self.in_mean) / self.in_std if self.cfg.standardize else x
         y = self.net(z)  # (N, D_src) -> (N, D_tgt)
         if self.skip is not None:
@@ -136,5 +138,7 @@ def load_projector(directory: str | Path, device: str | torch.device = "cpu") ->
     directory = Path(directory)
     cfg = ProjectorConfig.model_validate_json((directory / CONFIG_FILE).read_text())
     model = Projector(cfg)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device)))
+    state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    model.to(state["in_mean"].dtype)  # float64 when the run kept the ridge start (projection.fit)
+    model.load_state_dict(state)
     return model.to(device)

@@ -53,7 +53,7 @@ def predict(model: nn.Module, x, batch_size: int = 4096, device: str | torch.dev
         chunks = (xb for xb, _ in x.batches(batch_size, None, device))
     else:
         t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
-        t = t.float()
+        t = t.float()  # a float64 projector (kept ridge start) casts inside forward
         chunks = (t[s : s + batch_size].to(device) for s in range(0, t.shape[0], batch_size))
     return torch.cat([model(xb).cpu() for xb in chunks]).numpy()  # (N, D_src) -> (N, D_tgt)
 
