@@ -222,7 +222,8 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         model, result = fit.model, fit.train
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                            "kept_ridge_start": float(fit.kept_start)})
+                            "kept_ridge_start": float(fit.kept_start)}
+                           | ({"keep_p": fit.trained_val["keep_p"]} if fit.trained_val else {}))
         run_recovery.fill_history(run.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}

@@ -297,7 +297,7 @@ def finetune(
     """
     if isinstance(projector, (str, Path)):
         projector = load_projector(projector, cfg.device)
-    projector.to(cfg.device)
+    projector.to(device=cfg.device, dtype=torch.float32)  # a kept ridge start is saved in float64; stage 2 trains it
     if val_data is not None and len(val_data) == 0:
         val_data = None
     y, dim_head = _check_inputs(encoder, projector, train_data, val_data, cfg)
