@@ -1,8 +1,9 @@
 """Do default settings win? MLP projector vs validation-tuned ridge, test R@1, on many paired sets.
 
 The founders check the same on paired data the project has never seen, so the defaults must be
-robust, not tuned: besides the repository's sets (digits image -> caption, sketch -> image, and
-whatever else `--stores` names), this builds out-of-repo sets offline:
+robust, not tuned: besides the repository's sets (digits image -> caption and sketch -> image through
+the tiny random-init tower; Fashion-MNIST image -> caption and sketch -> image and stereo RGB -> depth
+through the demo's pretrained EfficientNet-Lite0 and MiniLM; whatever else `--stores` names), this builds out-of-repo sets offline:
 - synthetic maps of several kinds (linear, tanh, relu, quadratic, sine, onto the sphere), noise
   levels, sizes 200..20000 and dims, with correlated (embedding-like) inputs;
 - two random feature views of scikit-learn's bundled digits, wine and breast-cancer sets, and of
@@ -12,7 +13,7 @@ Every set runs through `projection.fit.fit_projector` with default configs, exac
 does, and is scored with `projection.metrics.alignment_metrics` (strict float64 ranks).
 
 usage: python benchmarks/defaults.py [--quick] [--only NAME,...] [--set train.steps=500 ...]
-       [--stores NAME=SRC.h5:TGT.h5 ...]
+       [--stores NAME=SRC.h5:TGT.h5 ...] [--split-seeds 0,1,2] [--no-repo]
 Prints one row per set, then a LAST line holding one JSON object.
 """
 
@@ -157,6 +158,31 @@ def repo_digits_stores(out: Path) -> dict[str, str]:
             "digits_sketch_to_image": f"{stores['sketch']}:{stores['image']}"}
 
 
+def repo_real_stores(out: Path) -> dict[str, str]:
+    """The demo's real sets through its pretrained encoders (EfficientNet-Lite0, MiniLM; packaged, offline):
+    Fashion-MNIST image -> caption and sketch -> image, stereo RGB -> depth patches."""
+    from data.build import build_all
+    from encoders.extract import extract
+    from encoders.factory import load_encoder
+    from encoders.manifest import Manifest
+    from flows.demo import STEREO_ENCODER
+    from flows.pipeline import PipelineParams
+
+    base, manifests = PipelineParams(), build_all(out / "data", n_scenes=40)
+    jobs = {("fashion", "image"): base.source_encoder, ("fashion", "sketch"): base.source_encoder,
+            ("fashion", "caption"): base.target_encoder, ("stereo", "rgb"): STEREO_ENCODER,
+            ("stereo", "depth"): STEREO_ENCODER}
+    stores = {}
+    for (dataset, column), spec in jobs.items():
+        path = out / f"{dataset}-{column}.h5"
+        if not path.exists():
+            extract(Manifest.read(manifests[dataset]), column, load_encoder(spec), path)
+        stores[column] = str(path)
+    return {"fashion_image_to_caption": f"{stores['image']}:{stores['caption']}",
+            "fashion_sketch_to_image": f"{stores['sketch']}:{stores['image']}",
+            "stereo_rgb_to_depth": f"{stores['rgb']}:{stores['depth']}"}
+
+
 def _overrides(items: list[str]) -> tuple[dict, dict]:
     train, proj = {}, {}
     for item in items:
@@ -172,7 +198,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="Comma-separated substrings of set names to run.")
     ap.add_argument("--set", action="append", default=[], help="Override a default, e.g. train.steps=500.")
     ap.add_argument("--stores", action="append", default=[], help="NAME=SRC.h5:TGT.h5, a paired store set.")
-    ap.add_argument("--no-repo", action="store_true", help="Skip the repository's digits stores.")
+    ap.add_argument("--no-repo", action="store_true", help="Skip the repository's sets (digits, Fashion-MNIST, stereo).")
+    ap.add_argument("--split-seeds", default="0", help="Comma-separated split seeds; each set runs once per seed.")
     ap.add_argument("--store-dir", default="runs/bench-defaults", help="Where the digits stores are cached.")
     args = ap.parse_args()
     train_over, proj_over = _overrides(args.set)
@@ -180,20 +207,23 @@ def main() -> None:
     sets = {k: (x, y, None) for k, (x, y) in (synthetic_sets(args.quick) | sklearn_sets(args.quick)).items()}
     specs = list(args.stores)
     if not args.no_repo:
-        specs += [f"{k}={v}" for k, v in repo_digits_stores(Path(args.store_dir)).items()]
+        specs += [f"{k}={v}" for k, v in (repo_digits_stores(Path(args.store_dir))
+                                          | repo_real_stores(Path(args.store_dir))).items()]
     for spec in specs:
         name, x, y, groups = store_set(spec)
         sets[name] = (x, y, groups)
     only = [s for s in args.only.split(",") if s]
     rows = {}
     print(f"{'set':44s} {'n':>6s} {'dims':>9s} {'MLP R@1':>8s} {'ridge':>6s} {'MLP t2p':>8s} {'ridge':>6s} "
-          f"{'kept':>5s} {'steps':>5s} {'s':>6s}", flush=True)
-    for name, (x, y, groups) in sets.items():
+          f"{'kept':>5s} {'keep_p':>7s} {'steps':>5s} {'s':>6s}", flush=True)
+    seeds = [int(s) for s in args.split_seeds.split(",")]
+    for (name, (x, y, groups)), seed in ((item, seed) for item in sets.items() for seed in seeds):
         if only and not any(o in name for o in only):
             continue
-        r = rows[name] = run_set(x, y, train_cfg, proj_over, groups)
+        name = name if len(seeds) == 1 else f"{name}@seed{seed}"
+        r = rows[name] = run_set(x, y, train_cfg, proj_over, groups, seed)
         print(f"{name:44s} {r['n']:6d} {r['d_in']:4d}>{r['d_out']:<4d} {r['mlp_r1']:8.3f} {r['ridge_r1']:6.3f} "
-              f"{r['mlp_t2p_r1']:8.3f} {r['ridge_t2p_r1']:6.3f} {str(r['kept_ridge_start'])[0]:>5s} {r['steps']:5d} "
+              f"{r['mlp_t2p_r1']:8.3f} {r['ridge_t2p_r1']:6.3f} {str(r['kept_ridge_start'])[0]:>5s} {r['keep_p']:7.1g} {r['steps']:5d} "
               f"{r['train_s']:6.1f}", flush=True)
     losses = [k for k, r in rows.items() if r["mlp_r1"] < r["ridge_r1"]]
     print(f"MLP >= ridge on {len(rows) - len(losses)}/{len(rows)} sets" + (f"; below on {losses}" if losses else ""))

@@ -84,3 +84,13 @@ def test_semi_benchmark_runs(tmp_path):
         assert rows[2]["semi_mlp"] is None and rows[2]["n_unpaired"] == 0  # all paired: nothing unpaired to use
         assert set(r["at_5pct"][setting]) == {"semi_over_full_mlp", "semi", "best_pairs_only", "beats_pairs_only"}
     assert (tmp_path / "semi" / "semi_curve.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_defaults_benchmark_runs(tmp_path):
+    r = _run("defaults.py", "--quick", "--no-repo", "--only", "linear_n200_,relu_n1000", "--split-seeds", "0,1",
+             tmp_path=tmp_path)
+    rows = r["sets"]
+    assert len(rows) == 4 and r["mlp_below_ridge"] == []
+    for name, row in rows.items():  # the linear map ends as ridge; the ReLU map is learnt past it
+        assert (row["mlp_r1"] > row["ridge_r1"]) if "relu" in name else row["kept_ridge_start"], (name, row)
