@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from encoders.layout import EncoderLayout
+from encoders.packed import cpu_has_fast, pack_linears
 from encoders.spec import EncoderSpec
 
 WeightsOrigin = Literal["pretrained", "checkpoint", "random-init"]
@@ -59,28 +60,23 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         logging.getLogger(__name__).warning("%s has no bf16: computing in fp16 instead", torch.cuda.get_device_name(device))
         return torch.float16
-    if dtype != torch.float32 and device.type == "cpu" and not _cpu_has_fast(dtype):
+    if dtype != torch.float32 and device.type == "cpu" and not cpu_has_fast(dtype):
         logging.getLogger(__name__).warning("this CPU has no native %s matmul: expect it to be slower than fp32", dtype)
     return dtype
 
 
-def _cpu_has_fast(dtype: torch.dtype) -> bool:
-    ops = torch.ops.mkldnn
-    check = ops._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported
-    try:
-        return bool(check())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def cast_for_inference(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast weights to ``dtype`` once; norm layers keep float32 parameters (see the module doc)."""
+    """Cast weights to ``dtype`` once; norm layers keep float32 parameters (see the module doc); on a CPU
+    with native bf16/fp16 matmul, linear layers are prepacked for oneDNN (encoders/packed.py)."""
     if dtype == torch.float32:
         return module
     module.to(dtype)
     for sub in module.modules():
         if isinstance(sub, NORMS):
             sub.float()
+    device = next(module.parameters(), torch.empty(0)).device
+    if device.type == "cpu" and cpu_has_fast(dtype):
+        pack_linears(module)
     return module
 
 
