@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-precision", action="store_true", help="skip (c), fp32 vs bf16")
     ap.add_argument("--skip-decode", action="store_true", help="skip (d), decode-only scaling")
-    ap.add_argument("--precision-images", type=int, default=None, help="images for (c) (default 64, --quick 32)")
-    ap.add_argument("--decode-images", type=int, default=None, help="images for (d) (default 480, --quick 96)")
+    ap.add_argument("--precision-images", type=int, default=None, help="images for (c) (default 128, --quick 32)")
+    ap.add_argument("--decode-images", type=int, default=None, help="images for (d) (default 1536, --quick 96)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c) and (d); figures are best-of")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (images, stores, mlflow.db)")
     ap.add_argument("--mem-child", nargs=2, metavar=("MANIFEST", "OUT_DIR"), help=argparse.SUPPRESS)
@@ -367,13 +367,13 @@ def run_fast_paths(args, tmp: Path, threads: int, result: dict, timings: dict) -
         import torch
 
         torch.set_num_threads(threads)
-        n = args.precision_images or (32 if args.quick else 64)
+        n = args.precision_images or (32 if args.quick else 128)
         print(f"\n(c) precision: {fast.SPEC} fp32 vs bf16 via encoders.extract.extract, {n} images, {args.rounds} rounds", flush=True)
         with phase(f"generate {n} PNGs for (c)", timings):
             manifest = write_images(tmp / "precision-images", n, seed=1)
         result["precision"] = fast.run_precision(manifest, tmp, bare_pass, args.rounds, timings)
     if not args.skip_decode:
-        n = args.decode_images or (96 if args.quick else 480)
+        n = args.decode_images or (96 if args.quick else 1536)  # 48 batches: 480 were 15, edge effects (a worker idle at the end) moved the ratio by 0.1
         print(f"\n(d) decode only: {n} PNGs through encoders.loader, {args.rounds} rounds", flush=True)
         with phase(f"generate {n} PNGs for (d)", timings):
             manifest = write_images(tmp / "decode-images", n, seed=2)

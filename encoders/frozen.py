@@ -144,6 +144,11 @@ class FrozenEncoder(ABC):
     def forward(self, batch: Any) -> torch.Tensor:
         """Batch -> (B, D) features, before normalisation."""
 
+    def pixels(self, batch: Any) -> Any:
+        """An image batch as the model wants it: uint8 from decoding is scaled and normalised here (encoders/pixels.py)."""
+        norm = getattr(self, "pixel_norm", None)
+        return batch if norm is None else norm(batch, self.compute_dtype)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return getattr(self, "_compute_dtype", torch.float32)

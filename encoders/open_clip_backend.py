@@ -18,6 +18,7 @@ from torch import nn
 
 from encoders.frozen import BadInput, EncoderUnavailable, FrozenEncoder, WeightsOrigin, pick_device
 from encoders.images import load_rgb
+from encoders.pixels import split_transform
 from encoders.layout import EncoderLayout, children, first_present, hf_layout, module_at, timm_layout
 from encoders.spec import EncoderSpec
 
@@ -99,7 +100,7 @@ class OpenClipEncoder(FrozenEncoder):
             )
         except RuntimeError as exc:  # open_clip's messages list every model; keep ours short
             raise EncoderUnavailable(f"open_clip could not build {arch!r} with weights {weights!r}: {str(exc)[:300]}") from None
-        self.preprocess = preprocess
+        self.preprocess, self.pixel_norm = split_transform(preprocess) if spec.tower == "image" else (preprocess, None)
         self.tokenizer = open_clip.get_tokenizer(arch) if spec.tower == "text" else None
         if weights is None and origin == "random-init":
             logging.getLogger(__name__).warning("%s has RANDOM weights (no pretrained tag or checkpoint)", spec)
@@ -107,7 +108,7 @@ class OpenClipEncoder(FrozenEncoder):
 
     def load_item(self, raw: Any) -> Any:
         if self.spec.tower == "image":
-            return self.preprocess(load_rgb(raw))  # (3, H, W)
+            return self.preprocess(load_rgb(raw))  # (3, H, W) uint8 (encoders/pixels.py)
         return _check_text(raw)
 
     def collate(self, items: list[Any]) -> Any:
@@ -117,7 +118,7 @@ class OpenClipEncoder(FrozenEncoder):
 
     def forward(self, batch: Any) -> torch.Tensor:
         if self.spec.tower == "image":
-            return self.module.encode_image(batch)
+            return self.module.encode_image(self.pixels(batch))
         return self.module.encode_text(batch)
 
     def layout(self) -> EncoderLayout:

@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders.frozen import EncoderUnavailable, FrozenEncoder, WeightsOrigin, pick_device
 from encoders.images import load_rgb
+from encoders.pixels import split_transform
 from encoders.layout import EncoderLayout
 from encoders.spec import EncoderSpec
 from encoders.timm_packaged import PACKAGED, packaged_weights
@@ -130,18 +131,18 @@ class TimmEncoder(FrozenEncoder):
         if spec.image_size:
             cfg |= {"input_size": (3, spec.image_size, spec.image_size), "crop_pct": 1.0}
         self.data_config = cfg
-        self.preprocess = create_transform(**cfg)
+        self.preprocess, self.pixel_norm = split_transform(create_transform(**cfg))
         self._finish(model, origin)
 
     def load_item(self, raw: Any) -> Any:
-        return self.preprocess(load_rgb(raw))  # (3, H, W)
+        return self.preprocess(load_rgb(raw))  # (3, H, W) uint8 (encoders/pixels.py)
 
     def collate(self, items: list[Any]) -> Any:
         return torch.stack(items).to(self.device)  # (B, 3, H, W)
 
     def forward(self, batch: Any) -> torch.Tensor:
         m = self.module
-        return m.forward_head(m.forward_features(batch), pre_logits=True)  # (B, num_features)
+        return m.forward_head(m.forward_features(self.pixels(batch)), pre_logits=True)  # (B, num_features)
 
     def _probe_item(self) -> Any:
         return torch.zeros(self.data_config["input_size"])

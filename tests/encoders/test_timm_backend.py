@@ -37,7 +37,7 @@ def lite0():
 
 
 def _top1(encoder, photo: str) -> int:
-    x = encoder.collate([encoder.load_item(PHOTOS / photo)])
+    x = encoder.pixels(encoder.collate([encoder.load_item(PHOTOS / photo)]))  # uint8 -> normalised float
     with torch.inference_mode():
         return int(encoder.module(x).argmax(-1))  # the packaged classifier, kept in the module
 
@@ -54,7 +54,7 @@ def test_packaged_efficientnet_lite0_predicts_imagenet_classes_of_real_photos(li
 def test_embedding_is_the_pooled_pre_logits_feature(lite0):
     x = lite0.collate([lite0.load_item(PHOTOS / "coffee.png")])
     with torch.inference_mode():
-        pooled = lite0.module.forward_features(x).mean(dim=(2, 3))  # (1, 1280)
+        pooled = lite0.module.forward_features(lite0.pixels(x)).mean(dim=(2, 3))  # (1, 1280)
     emb = lite0.encode(x)
     assert torch.allclose(emb, torch.nn.functional.normalize(pooled, dim=-1), atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_packaged_mobilenetv2_maps_onto_torchvision_features():
     tv.load_state_dict(dict(zip(tv.state_dict(), state.values())))
     x = enc.collate([enc.load_item(PHOTOS / "chelsea.png")])
     with torch.inference_mode():
-        expected = tv(x).mean(dim=(2, 3))
+        expected = tv(enc.pixels(x)).mean(dim=(2, 3))
     assert torch.allclose(enc.encode(x), expected, atol=1e-4)
 
 
