@@ -6,7 +6,8 @@
     would try first). Every pass of a round runs back to back, rounds are interleaved, and each
     round also times the matmul peak of both dtypes (best over a square 1024³, 2048³ and the
     model's own MLP GEMM), so every rate has its FLOP limit from the same minutes of the machine.
-    FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one forward pass. Figures:
+    FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one forward pass, with grad enabled
+    (under inference_mode the fused attention hides its projections from the counter: 5.89 vs 8.73 GFLOP). Figures:
     best over rounds (with the spread); cosine = min over items between the bf16 and fp32 stores.
 (d) Decode only. ``encoders.loader`` over generated PNGs with the model removed (open_clip's
     preprocess + collate, what a worker does), for a helper thread and 1, 2 and all cores' worth
@@ -46,10 +47,17 @@ def matmul_peak(dtype, tokens: int) -> float:
 
 
 def flops_per_image(model, size: int) -> int:
+    """FLOPs of one forward pass, counted with grad enabled ON PURPOSE.
+
+    Under inference_mode/no_grad, nn.MultiheadAttention takes its fused fast path
+    (aten._native_multi_head_attention), whose qkv and output projections FlopCounterMode does
+    not see: ViT-B-32 then reads 5.89 GFLOP/image instead of 8.73 (addmm 8.49 + patch conv 0.23),
+    so every FLOP limit came out 1.48x too high (issue 14 quoted 5.9).
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc:
         model.encode_image(torch.zeros(1, 3, size, size))
     return fc.get_total_flops()
 

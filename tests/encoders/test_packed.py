@@ -31,3 +31,22 @@ def test_packed_module_matches_the_plain_one_and_keeps_its_state(approximate):
     # a float32 input (not what the layer was packed for) takes the plain path, GELU included
     with torch.inference_mode():
         torch.testing.assert_close(packed.float()(x.float()), plain.float()(x.float()), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_self_attention_matches_the_module_and_leaves_other_calls_alone():
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(64, 4, batch_first=True).to(torch.bfloat16).eval()
+    packed = nn.MultiheadAttention(64, 4, batch_first=True).to(torch.bfloat16).eval()
+    packed.load_state_dict(plain.state_dict())
+    assert pack_linears(packed) == 1
+    x = torch.randn(3, 9, 64).to(torch.bfloat16)
+    causal = torch.full((9, 9), float("-inf")).triu(1)  # a text tower's additive causal mask
+    with torch.inference_mode():
+        for mask in (None, causal):
+            a = plain(x, x, x, need_weights=False, attn_mask=mask)[0].float()
+            b = packed(x, x, x, need_weights=False, attn_mask=mask)[0].float()
+            torch.testing.assert_close(b, a, atol=0.03, rtol=0.03)
+        # cross-attention and asked-for weights take the module's own path, exactly
+        y = torch.randn(3, 5, 64).to(torch.bfloat16)
+        assert torch.equal(packed(x, y, y)[0], plain(x, y, y)[0])
+        assert torch.equal(packed(x, x, x, need_weights=True)[1], plain(x, x, x, need_weights=True)[1])
