@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from encoders.store import EmbeddingStore, StoreError
 from flows import AlignParams, align
+from projection.config import TrainConfig
 from projection.metrics import alignment_metrics
 from tests_support import make_store
 
@@ -37,7 +38,7 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
     client = MlflowClient()
     run = client.get_run(digits_run["run_id"])
     p = run.data.params
-    assert p["projector.kind"] == "mlp" and p["train.steps"] == "600" and "loss.terms" in p
+    assert p["projector.kind"] == "mlp" and p["train.steps"] == str(TrainConfig().steps) and "loss.terms" in p
     assert p["source_store"] == digits_stores["image"]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(history) == digits_run["epochs_run"] and sorted(h.step for h in history) == [h.step for h in history]
