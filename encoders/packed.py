@@ -10,10 +10,10 @@ call (``torch.ops.mkldnn._linear_pointwise``). Measured on this project's 2-core
 with the GELU, 287 vs 401 (benchmarks/extract.py (c) has the whole-model figures).
 
 ``nn.MultiheadAttention`` (self-attention, batch-first) gets the same treatment: its input and
-output projections prepacked, the attention itself through ``scaled_dot_product_attention``
-instead of the fused ``_native_multi_head_attention`` path, whose qkv split/rescale and
-softmax + bmm cost ~80 ms of a ~740 ms ViT-B-32 bf16 batch here; the whole encode went from
-41.8 to the figure in benchmarks/extract.py (c). Anything else (cross-attention, a key padding
+output projections prepacked, the attention itself a plain matmul + softmax instead of the fused
+``_native_multi_head_attention`` path (its qkv split/rescale alone cost 28 ms of a ~760 ms ViT-B-32
+bf16 batch here); the whole encode went from 41.8 to 43.1 items/s. torch's CPU flash attention
+(``scaled_dot_product_attention``) was slower at ViT-B-32's 50 tokens: 78 ms against 27, 41.4 items/s. Anything else (cross-attention, a key padding
 mask, a boolean mask, weights asked for) takes the module's own forward.
 
 Only the forward of each layer changes: its ``weight`` and ``bias`` stay as they are (the

@@ -42,7 +42,8 @@ def test_extract_benchmark_runs(tmp_path):
     assert not m["runs"]["300"]["imported_prefect"]
     # (c) bf16 really ran (the store says so) and stayed within cosine 0.999 of fp32; fp32 runs agree exactly
     assert p["store_compute_dtype"] == "bf16" and p["min_cosine_bf16_vs_fp32"] >= 0.999
-    assert p["max_abs_diff_fp32_stores_vs_each_other"] < 1e-6 and p["flops_per_image"] > 4e9  # ViT-B-32: 5.9 GFLOP
+    # ViT-B-32 is 8.7 GFLOP an image; FlopCounterMode under inference_mode sees 5.9 (the fused attention hides its projections)
+    assert p["max_abs_diff_fp32_stores_vs_each_other"] < 1e-6 and p["flops_per_image"] > 8e9
     assert set(p["items_per_s"]) == {"bare fp32", "bare bf16 autocast", "xmodal fp32", "xmodal fp32 cpu_workers=1",
                                      "xmodal bf16", "xmodal bf16 cpu_workers=1"}
     # (d) every worker count decoded every image (the rate counts the batches after the first)
