@@ -127,6 +127,9 @@ class FrozenEncoder(ABC):
     # Stage 2 keeps BatchNorm layers in eval mode (pretrained running statistics) while it trains
     # their block: batches of 32 small images re-estimate them badly (see TimmEncoder).
     freeze_bn_stats: bool = False
+    # Image backends whose transform ends in ToTensor + Normalize decode to uint8 and normalise in
+    # ``pixels`` (encoders/pixels.PixelNorm); None: the collated batch is the model's input as is.
+    pixel_norm: Any = None
 
     @property
     def modality(self) -> str:
@@ -146,8 +149,7 @@ class FrozenEncoder(ABC):
 
     def pixels(self, batch: Any) -> Any:
         """An image batch as the model wants it: uint8 from decoding is scaled and normalised here (encoders/pixels.py)."""
-        norm = getattr(self, "pixel_norm", None)
-        return batch if norm is None else norm(batch, self.compute_dtype)
+        return batch if self.pixel_norm is None else self.pixel_norm(batch, self.compute_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
