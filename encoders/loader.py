@@ -7,7 +7,8 @@ decoded by a torch DataLoader worker process (``decode_workers`` of them, ``pref
 batches each in flight), collated in the worker, pinned on CUDA so the host-to-device copy is
 non-blocking. With ``decode_workers=0`` one helper thread decodes the next batch while this one
 is encoded, as before: on a small CPU box the model, not decoding, is the bottleneck (ViT-B-32
-at 3-36 items/s against ~430 decoded 224² PNGs/s per core here, benchmarks/extract.py).
+at 19-42 items/s against ~620 decoded 224² PNGs/s per core here, benchmarks/extract.py). Batches
+leave the workers as uint8 and are normalised by the consumer (encoders/pixels.py).
 
 The batch stays the unit of commit: the DataLoader yields batches in order and the caller writes
 each before asking for the next, so kill -9 loses at most what is in flight and a rerun resumes
@@ -103,8 +104,8 @@ def plan_decode_workers(device: torch.device, modality: str, requested: int | No
 
     ``requested`` None = auto. Texts: 0 (tokenising a batch takes ~1 ms; a process buys nothing).
     Images on the CPU: one worker per CPU_CORES_PER_WORKER cores, so 0 up to 7 cores: the model
-    computes on every core, and decoding (2.3 ms of CPU per 224² PNG, ~430 items/s per core,
-    against 3-36 items/s of ViT-B-32 on 2 cores) needs a fraction of one. Images on an accelerator: every core
+    computes on every core, and decoding (1.6 ms of CPU per 224² PNG to uint8, ~620 items/s per core,
+    against 19-42 items/s of ViT-B-32 on 2 cores) needs a fraction of one. Images on an accelerator: every core
     but the one feeding the device (capped at MAX_GPU_WORKERS): an H100 at bf16 wants tens of
     thousands of ViT-B-32 images/s, far beyond any host's decode rate (README, "Feeding a GPU").
     """
