@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from projection.baselines import ProcrustesBaseline, RidgeBaseline
-from projection.config import LossConfig, ProjectorConfig, TrainConfig
-from projection.data import InMemoryPairs
-from projection.losses import build_loss
-from projection.loop import epoch_seed
-from projection.projector import make_projector
-from projection.train import train_projector
+from projection.align.baselines import ProcrustesBaseline, RidgeBaseline
+from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
+from projection.align.data import InMemoryPairs
+from projection.losses.registry import build_loss
+from projection.engine.loop import epoch_seed
+from projection.align.projector import make_projector
+from projection.align.train import train_projector
 
 
 def bare_loop(model, x, y, batch_size: int, epochs: int, lr: float, seed: int, fused: bool, clip: float | None,

@@ -9,8 +9,8 @@ through the demo's pretrained EfficientNet-Lite0 and MiniLM; whatever else `--st
 - two random feature views of scikit-learn's bundled digits, wine and breast-cancer sets, and of
   make_swiss_roll / make_s_curve points (source: random Fourier features of the 3-D point;
   target: random ReLU features of the unrolled 2-D coordinates).
-Every set runs through `projection.fit.fit_projector` with default configs, exactly as `align`
-does, and is scored with `projection.metrics.alignment_metrics` (strict float64 ranks).
+Every set runs through `projection.align.fit.fit_projector` with default configs, exactly as `align`
+does, and is scored with `projection.align.metrics.alignment_metrics` (strict float64 ranks).
 
 usage: python benchmarks/defaults.py [--quick] [--only NAME,...] [--set train.steps=500 ...]
        [--stores NAME=SRC.h5:TGT.h5 ...] [--split-seeds 0,1,2] [--no-repo]
@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from benchmarks._common import ROOT, emit_json  # noqa: E402
-from projection.baselines import RidgeBaseline
-from projection.config import BaselineConfig, LossConfig, ProjectorConfig, TrainConfig
-from projection.data import InMemoryPairs, make_split
-from projection.fit import fit_projector
-from projection.metrics import alignment_metrics
-from projection.train import predict
+from projection.align.baselines import RidgeBaseline
+from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, TrainConfig
+from projection.align.data import InMemoryPairs, make_split
+from projection.align.fit import fit_projector
+from projection.align.metrics import alignment_metrics
+from projection.align.train import predict
 
 KINDS = ("linear", "tanh", "relu", "quadratic", "sine", "sphere")
 

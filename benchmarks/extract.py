@@ -202,7 +202,7 @@ def run_throughput(tmp: Path, n_images: int, threads: int, timings: dict) -> dic
     with phase("import flows (prefect + mlflow)", timings):
         import mlflow
 
-        from flows import ExtractParams, extract_embeddings
+        from flows.extract import ExtractParams, extract_embeddings
     base = ExtractParams(manifest=str(manifest), column="image", encoder=IMAGE_SPEC, out_dir=str(tmp / "stores"),
                          tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     client = mlflow.MlflowClient(tracking_uri=base.tracking_uri)

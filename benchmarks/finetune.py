@@ -1,4 +1,4 @@
-"""Stage-2 benchmark: ``projection.finetune.finetune`` against a bare torch loop, fp32 and bf16.
+"""Stage-2 benchmark: ``projection.finetune.model.finetune`` against a bare torch loop, fp32 and bf16.
 
     .venv/bin/python benchmarks/finetune.py [--items 96] [--batch 8] [--epochs 1] [--rounds 2]
 
@@ -37,14 +37,14 @@ ENCODER_LR, HEAD_LR, N_CLASSES = 1e-5, 1e-3, 4
 
 
 def projector_for(dim: int):
-    from projection.config import ProjectorConfig
-    from projection.projector import make_projector
+    from projection.align.config import ProjectorConfig
+    from projection.align.projector import make_projector
 
     return make_projector(ProjectorConfig(d_in=dim, d_out=256, hidden=512), seed=0)
 
 
 def finetune_cfg(args, bf16: bool):
-    from projection.finetune_config import FinetuneConfig
+    from projection.finetune.config import FinetuneConfig
 
     return FinetuneConfig(task="classification", unfreeze="last_n", last_n=1, encoder_lr=ENCODER_LR, head_lr=HEAD_LR,
                           epochs=args.epochs, batch_size=args.batch, warmup_frac=0.1, patience=None, seed=0,
@@ -54,7 +54,7 @@ def finetune_cfg(args, bf16: bool):
 def project_run(args, paths: list[str], labels, bf16: bool) -> tuple[float, int]:
     """(steps/s, steps) of the project's loop; a fresh encoder each run, so both sides start alike."""
     from encoders.factory import load_encoder
-    from projection.finetune import TaskData, finetune
+    from projection.finetune.model import TaskData, finetune
 
     enc = load_encoder(SPEC)
     proj = projector_for(enc.dim)
@@ -83,7 +83,7 @@ def bare_run(args, paths: list[str], labels, bf16: bool, step_flops: list | None
     import torch.nn.functional as F
     from PIL import Image
 
-    from projection.loop import warmup_cosine
+    from projection.engine.loop import warmup_cosine
 
     model, preprocess = bare_setup(args)
     t0 = time.perf_counter()  # like the project's side: timed from a built model (load_encoder is outside too)

@@ -9,7 +9,7 @@ unit vectors (200,000 x 256 is ~196 MiB, 200,000 x 1024 ~782 MiB), written in bl
 Then, each in a FRESH interpreter (its own address space; peak RSS read from /proc/self/status
 VmHWM in that child, since ru_maxrss of a child is polluted by its parent):
 
-  top_k   ``projection.search.top_k(queries, store, k, chunk_rows=16384)``: streams the store.
+  top_k   ``projection.search.exact.top_k(queries, store, k, chunk_rows=16384)``: streams the store.
           numpy + h5py only; the child checks torch was never imported.
   numpy   the bare peer: read the whole embeddings matrix with h5py, ``q @ M.T``, argpartition, sort.
 
@@ -86,7 +86,7 @@ def child(mode: str, store_path: str, n_queries: int, k: int, chunk_rows: int, r
                    "query": qid, "top1": top[0] if top else None})
         return
     if mode == "top_k":
-        from projection.search import top_k  # numpy + h5py; threads via OPENBLAS/OMP_NUM_THREADS
+        from projection.search.exact import top_k  # numpy + h5py; threads via OPENBLAS/OMP_NUM_THREADS
     else:
         import h5py  # noqa: F401
     _, q = make_queries(store_path, n_queries)

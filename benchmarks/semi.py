@@ -30,15 +30,15 @@ import _common  # noqa: F401  (repo on sys.path)
 import numpy as np
 import torch
 
-from projection.baselines import ProcrustesBaseline, RidgeBaseline
-from projection.config import LossConfig, ProjectorConfig, TrainConfig
-from projection.data import InMemoryPairs, make_split
-from projection.fit import fit_projector
-from projection.metrics import alignment_metrics
-from projection.partial import pair_budget
-from projection.refine import RefinedMap, RefineConfig
-from projection.semi import SemiConfig, fit_semi_mode
-from projection.train import predict
+from projection.align.baselines import ProcrustesBaseline, RidgeBaseline
+from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
+from projection.align.data import InMemoryPairs, make_split
+from projection.align.fit import fit_projector
+from projection.align.metrics import alignment_metrics
+from projection.semi.partial import pair_budget
+from projection.semi.refine import RefinedMap, RefineConfig
+from projection.semi.trainer import SemiConfig, fit_semi_mode
+from projection.align.train import predict
 
 METHODS = ("ridge", "procrustes", "mlp", "refined", "semi_mlp")
 PAIRS_ONLY = ("ridge", "procrustes", "mlp")
@@ -75,7 +75,7 @@ def fashion_stores(size: int) -> dict[str, tuple[str, str]]:
     crossmodal: images -> their Sobel sketches, both under EfficientNet-Lite0.
     """
     from data.build import build_all
-    from flows import ExtractParams, extract_embeddings
+    from flows.extract import ExtractParams, extract_embeddings
 
     manifest = str(build_all(fashion_size=size)["fashion"])
     store = lambda column, encoder: extract_embeddings(  # noqa: E731
@@ -199,7 +199,7 @@ def main() -> None:
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "semi_curve.json").write_text(json.dumps(result, indent=1))
     if args.mlflow:
-        from flows.tracking import log_report
+        from flows.tracking.runs import log_report
 
         series = {f"{setting}.{m}.test_r1": [(r["n_pairs"], r[m]) for r in rows if r[m] is not None]
                   for setting, rows in curves.items() for m in METHODS}  # step = number of pairs

@@ -9,13 +9,13 @@ from encoders.spec import EncoderSpec
 def load_encoder(spec: str | EncoderSpec) -> FrozenEncoder:
     spec = EncoderSpec.parse(spec)
     if spec.backend == "open_clip":
-        from encoders.open_clip_backend import OpenClipEncoder
+        from encoders.backends.open_clip import OpenClipEncoder
 
         return OpenClipEncoder(spec)
     if spec.backend == "timm":
-        from encoders.timm_backend import TimmEncoder
+        from encoders.backends.timm import TimmEncoder
 
         return TimmEncoder(spec)
-    from encoders.hf_backend import HFEncoder
+    from encoders.backends.hf import HFEncoder
 
     return HFEncoder(spec)

@@ -19,7 +19,7 @@ mask, a boolean mask, weights asked for) takes the module's own forward.
 Only the forward of each layer changes: its ``weight`` and ``bias`` stay as they are (the
 state dict, the weights digest, ``nn.MultiheadAttention`` reading ``out_proj.weight`` directly),
 and the GELU module keeps its name as an ``nn.Identity``. Training never sees it: stage 2 refuses
-an encoder that computes in reduced precision (projection/finetune.py).
+an encoder that computes in reduced precision (projection/finetune/model.py).
 """
 
 from __future__ import annotations

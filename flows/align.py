@@ -20,8 +20,6 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from flows._flow_module import expose_flow
-from flows import _env  # noqa: F401
 
 import mlflow
 from prefect import flow, get_run_logger, task
@@ -29,19 +27,22 @@ from prefect.artifacts import create_markdown_artifact
 
 from encoders.manifest import ManifestError
 from encoders.store import EmbeddingStore, StoreError, join_stores
-from flows import reporting, run_recovery, served, tracking
+from flows.tracking import reporting
+from flows.tracking import recovery
+from flows.tracking import served
+from flows.tracking import runs
 from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
-from projection.baselines import fit_baselines
-from projection.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
-from projection.fit import FitResult, fit_projector
-from projection.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
-from projection.partial import check_pairs, partition_stores, semi_inputs
-from projection.projector import save_projector
-from projection.semi import SemiConfig, fit_semi_mode
-from projection.train import TrainResult, predict
-from projection.transfer import transfer_scores
+from projection.align.baselines import fit_baselines
+from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
+from projection.align.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
+from projection.align.fit import FitResult, fit_projector
+from projection.align.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
+from projection.semi.partial import check_pairs, partition_stores, semi_inputs
+from projection.align.projector import save_projector
+from projection.semi.trainer import SemiConfig, fit_semi_mode
+from projection.align.train import TrainResult, predict
+from projection.align.transfer import transfer_scores
 
 
 class ProjectorParams(ProjectorConfig):
@@ -133,7 +134,7 @@ def check_inputs(params: AlignParams) -> tuple:
 @flow(name="align", log_prints=True)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
-    tracking.tracking_uri(params.tracking_uri)
+    runs.tracking_uri(params.tracking_uri)
     src, tgt, pairs, pcfg, ids, split, task = check_inputs(params)
     if pairs.dropped_source or pairs.dropped_target:
         get_run_logger().warning("joined %d pairs; %d source and %d target rows had no partner", len(pairs),
@@ -204,7 +205,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
     origins_tags = {"source_weights_origin": src.attrs.get("weights_origin", ""),
                     "target_weights_origin": tgt.attrs.get("weights_origin", "")}
-    with tracking.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
+    with runs.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
                             tags=origins_tags, work=run_dir) as run:  # work: a killed run here is marked KILLED, linked
         _log_inputs(params, src, tgt, pcfg, data, split, run_dir)
         baselines = fit_baselines_task(*data["fit"], params.baselines, *data["val_arrays"]) if len(data["fit"][0]) > 1 else {}
@@ -224,7 +225,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                             "kept_ridge_start": float(fit.kept_start)}
                            | ({"keep_p": fit.trained_val["keep_p"]} if fit.trained_val else {}))
-        run_recovery.fill_history(run.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
+        recovery.fill_history(run.run_id, result.history, result.steps)  # epochs logged before a kill, or by none
         x_test, y_test = data["test"].x.numpy(), data["test"].y.numpy()
         preds = {"projector": predict(model, x_test, device=params.train.device)}
         preds |= {name: b.predict(x_test) for name, b in baselines.items()}
@@ -236,7 +237,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     md = (f"### Stage 1: {run_name}\n\nMLflow run `{run.run_id}` · encoders: {origins} · "
           f"{len(split['test'])} test pairs\n\n{reporting.markdown_table(table)}\n\n{reporting.spaces_markdown(spaces)}\n")
     create_markdown_artifact(md, key=_key("align", dataset, str(src.attrs.get("modality")), str(tgt.attrs.get("modality"))))
-    tracking.link_artifact(run.run_id, _key("align-mlflow", dataset))
+    runs.link_artifact(run.run_id, _key("align-mlflow", dataset))
     print(f"{run_name} [{origins}] -> MLflow run {run.run_id}\n{table.to_string(float_format=lambda v: f'{v:.4f}')}"
           f"\nspaces (collapse diagnostic):\n{spaces.drop(columns='warning').to_string(float_format=lambda v: f'{v:.4f}')}"
           + "".join(f"\nWARNING: {w}" for w in spaces["warning"] if w))
@@ -261,7 +262,7 @@ def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict,
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:
-    mlflow.log_params(tracking.flatten({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
+    mlflow.log_params(runs.flatten({"projector": pcfg.model_dump(), "loss": params.loss.model_dump(),
                                         "train": params.train.model_dump(), "split": params.split.model_dump(),
                                         "baselines": params.baselines.model_dump()}))
     mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": sum(map(len, split.values())),
@@ -338,6 +339,3 @@ def _publish_latest(run_dir: Path, latest: Path) -> None:
     if latest.exists():
         shutil.rmtree(latest)
     os.replace(tmp, latest)
-
-
-expose_flow(__name__, "align")  # `from flows import align` calls the flow; `flows.align.X` is the module's

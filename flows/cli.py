@@ -6,10 +6,9 @@ from typing import Any, Optional, get_args
 
 import typer
 
-from flows import _env  # noqa: F401
-from projection.config import LossName, ProjectorConfig
-from projection.contrastive_config import ContrastiveConfig, ContrastiveLossName
-from projection.finetune_config import FinetuneConfig, TaskName, UnfreezePolicy
+from projection.align.config import LossName, ProjectorConfig
+from projection.contrastive.config import ContrastiveConfig, ContrastiveLossName
+from projection.finetune.config import FinetuneConfig, TaskName, UnfreezePolicy
 
 
 def _choices(literal: Any) -> str:
@@ -89,7 +88,7 @@ def compare(
 
     import pandas as pd
 
-    from flows.compare import compare_runs, comparison_plot
+    from flows.tracking.compare import compare_runs, comparison_plot
 
     table = compare_runs(experiment, run_id, last, stage)
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
@@ -147,7 +146,7 @@ def promote(
     """Register a run's projector in the MLflow Model Registry (no pickle); load it as models:/NAME@ALIAS."""
     from mlflow.exceptions import MlflowException
 
-    from flows.promote import promote as promote_run
+    from flows.tracking.promote import promote as promote_run
 
     try:
         out = promote_run(run_id, name, alias)
@@ -251,7 +250,7 @@ def search(
     k: int = typer.Option(10, "-k", help="How many results."),
 ):
     """Top-k ids (with cosine scores) of a target store for one query; exact, in chunks."""
-    from projection.search import search as search_fn
+    from projection.search.exact import search as search_fn
 
     try:
         results = search_fn(query, target_store=target_store, projector_dir=projector_dir, source_encoder=source_encoder,

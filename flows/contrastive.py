@@ -4,7 +4,7 @@ The story of the stage: read the manifest, decode both image columns once (bad r
 and column), split by id, train the towers (checkpointed, resumable), evaluate held-out retrieval in
 both directions for the trained towers AND for the same towers at their random init, save each
 trained tower as an open_clip local-dir folder the encoder factory loads, and record everything in
-one MLflow run. The work happens in ``projection/contrastive.py``.
+one MLflow run. The work happens in ``projection/contrastive/trainer.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows import _env  # noqa: F401
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -29,12 +28,13 @@ from prefect.cache_policies import NO_CACHE
 from encoders.frozen import BadInput
 from encoders.images import load_rgb
 from encoders.manifest import Manifest, ManifestError
-from flows import reporting, tracking
+from flows.tracking import reporting
+from flows.tracking import runs
 from flows.extract import _key
-from projection.config import SplitConfig
-from projection.contrastive import (ContrastiveConfig, DualEncoder, evaluate_pairs, save_tower, tower_spec,
+from projection.align.config import SplitConfig
+from projection.contrastive.trainer import (ContrastiveConfig, DualEncoder, evaluate_pairs, save_tower, tower_spec,
                                     train_contrastive)
-from projection.data import make_split, save_split
+from projection.align.data import make_split, save_split
 
 HEADLINE = ["b2a_r1", "b2a_r10", "b2a_label_r1", "a2b_r1", "a2b_r10", "a2b_label_r1", "b2a_mrr", "a2b_mrr"]
 
@@ -130,7 +130,7 @@ def read_pairs(params: ContrastiveParams, init: DualEncoder) -> PairData:
 
 
 @task(name="train-towers", cache_policy=NO_CACHE)
-def train_towers(pairs: PairData, cfg: ContrastiveConfig, run_dir: Path, run: tracking.StageRun):
+def train_towers(pairs: PairData, cfg: ContrastiveConfig, run_dir: Path, run: runs.StageRun):
     """The shared training loop (checkpointed, resumable); each epoch's figures go to the run."""
     tr, va = pairs.split["train"], pairs.split["val"]
 
@@ -150,7 +150,7 @@ def evaluate_towers(pairs: PairData, towers: dict, cfg: ContrastiveConfig) -> di
             for name, model in towers.items()}
 
 
-def _log_outputs(run: tracking.StageRun, params: ContrastiveParams, rows: dict, result, towers: dict,
+def _log_outputs(run: runs.StageRun, params: ContrastiveParams, rows: dict, result, towers: dict,
                  run_dir: Path, run_name: str) -> None:
     run.log_metrics(rows["trained"], prefix="test_")
     run.log_metrics(rows[RANDOM_INIT], prefix="random_init_test_")
@@ -208,18 +208,18 @@ RANDOM_INIT = "random-init (same towers, untrained)"
 def contrastive_train(params: ContrastiveParams) -> dict:
     """Train two (or one shared) image towers contrastively; report held-out retrieval vs the random-init towers."""
     cfg, a, b = params.config, params.column_a, params.column_b
-    tracking.tracking_uri(params.tracking_uri)
+    runs.tracking_uri(params.tracking_uri)
     init = DualEncoder.from_config(cfg)  # the random-init towers: the exact start of training
     pairs = read_pairs(params, init)
     run_dir = Path(params.out_dir) / f"{pairs.dataset}-{a}-{b}-{cfg.towers}-{cfg.loss}-{pairs.run_key}"
     run_dir.mkdir(parents=True, exist_ok=True)
     save_split(pairs.ids, pairs.split, run_dir / "split.csv")
     n = {f"n_{k}": len(v) for k, v in pairs.split.items()}
-    logged = tracking.flatten({"contrastive": cfg.model_dump(), "split": params.split.model_dump()}) | n | {
+    logged = runs.flatten({"contrastive": cfg.model_dump(), "split": params.split.model_dump()}) | n | {
         "manifest": params.manifest, "column_a": a, "column_b": b, "label_column": params.label_column,
         "n_skipped": pairs.n_skipped, "embed_dim": init.embed_dim, "run_dir": str(run_dir)}
     run_name = f"contrastive {pairs.dataset}: {a} <-> {b} ({cfg.towers} towers, {cfg.loss})"
-    with tracking.stage_run("contrastive", pairs.dataset, run_name, experiment=params.experiment,
+    with runs.stage_run("contrastive", pairs.dataset, run_name, experiment=params.experiment,
                             parent_run_id=params.parent_run_id, tags={"weights_origin": "trained-contrastive"},
                             params=logged) as run:
         result = train_towers(pairs, cfg, run_dir, run)

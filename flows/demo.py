@@ -68,7 +68,7 @@ STEREO_ENCODER = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size
 def _stage2(run: dict, base) -> dict:
     """Fine-tune the last encoder block for classification on a balanced subset, same split as stage 1."""
     from flows.finetune import FinetuneParams, finetune
-    from projection.finetune_config import FinetuneConfig
+    from projection.finetune.config import FinetuneConfig
 
     full = Path(base.manifest)
     frame = pd.read_csv(full)

@@ -9,7 +9,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows import _env  # noqa: F401
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -22,9 +21,11 @@ from encoders.manifest import Manifest
 from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
-from flows import errors, process_guard, run_recovery, tracking
+from flows import errors, process_guard
 
 
+from flows.tracking import recovery
+from flows.tracking import runs
 process_guard.install()  # every flow module imports this one: its ephemeral Prefect server dies with it
 
 
@@ -301,10 +302,10 @@ def _extract_once(params: ExtractParams) -> dict:
 @flow(name="extract_embeddings", log_prints=True)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
-    tracking.tracking_uri(params.tracking_uri)
+    runs.tracking_uri(params.tracking_uri)
     dataset = Manifest.read(params.manifest).name
     spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
-    with tracking.stage_run("extract", dataset, f"extract {dataset}/{params.column}", experiment=params.experiment,
+    with runs.stage_run("extract", dataset, f"extract {dataset}/{params.column}", experiment=params.experiment,
                             parent_run_id=params.parent_run_id, tags={"xmodal.modality": params.column},
                             work=store_path(params.out_dir, dataset, params.column, spec.slug)) as run:
         run_id = run.run_id

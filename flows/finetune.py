@@ -18,8 +18,6 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows._flow_module import expose_flow
-from flows import _env  # noqa: F401
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -29,16 +27,17 @@ from prefect.cache_policies import NO_CACHE
 from encoders.factory import load_encoder
 from encoders.manifest import Manifest, ManifestError
 from encoders.store import EmbeddingStore
-from flows import reporting, tracking
+from flows.tracking import reporting
+from flows.tracking import runs
 from flows.extract import _key
-from projection.config import SplitConfig
-from projection.data import load_split, make_split
-from projection.finetune import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
+from projection.align.config import SplitConfig
+from projection.align.data import load_split, make_split
+from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
                                  frozen_head_baseline, trainable_prefixes)
-from projection.finetune_io import save_finetuned
-from projection.finetune_config import FinetuneConfig
-from projection.metrics import alignment_metrics
-from projection.projector import load_projector
+from projection.finetune.io import save_finetuned
+from projection.finetune.config import FinetuneConfig
+from projection.align.metrics import alignment_metrics
+from projection.align.projector import load_projector
 
 
 class FinetuneParams(BaseModel):
@@ -160,7 +159,7 @@ def read_task_data(params: FinetuneParams) -> StageTwoInputs:
     return StageTwoInputs(manifest.name, encoder.origin, items, parts, data)
 
 
-def _epoch_logger(run: tracking.StageRun, prefix: str):
+def _epoch_logger(run: runs.StageRun, prefix: str):
     def on_epoch(event: str, step: int, metrics: dict[str, float]) -> None:
         if event == "epoch":
             run.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"},
@@ -169,7 +168,7 @@ def _epoch_logger(run: tracking.StageRun, prefix: str):
 
 
 @task(name="train-before-and-after", cache_policy=NO_CACHE)
-def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_dir: Path, run: tracking.StageRun):
+def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_dir: Path, run: runs.StageRun):
     """(before, after, encoder_after): a head on frozen features, then the unfreeze policy, both resumable."""
     cfg, data = params.config, inputs.data
     encoder = load_encoder(params.source_encoder)
@@ -194,7 +193,7 @@ def measure_forgetting(params: FinetuneParams, inputs: StageTwoInputs, encoder_a
             "after_finetune": _alignment(encoder_after, after.model.projector, items, tgt)}
 
 
-def _log_outputs(run: tracking.StageRun, params: FinetuneParams, out: StageTwoResult, after) -> None:
+def _log_outputs(run: runs.StageRun, params: FinetuneParams, out: StageTwoResult, after) -> None:
     run.log_metrics(out.before, prefix="before_test_")
     run.log_metrics(out.after, prefix="after_test_")
     run.log_metrics({"resumed_from_epoch": after.resumed_from_epoch or 0, "n_trainable_encoder": after.n_trainable_encoder})
@@ -219,7 +218,7 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
     if out.alignment:
         md += "\nStage-1 alignment on the test split:\n\n" + reporting.markdown_table(reporting.metrics_table(out.alignment))
     create_markdown_artifact(md, key=_key("finetune", dataset, task_name))
-    tracking.link_artifact(out.run_id, _key("finetune-mlflow", dataset))
+    runs.link_artifact(out.run_id, _key("finetune-mlflow", dataset))
     get_run_logger().info("%s: test %s before %.4f, after %.4f (MLflow run %s)", run_name, out.metric,
                           out.before["metric"], out.after["metric"], out.run_id)
 
@@ -228,7 +227,7 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
     cfg = params.config
-    tracking.tracking_uri(params.tracking_uri)
+    runs.tracking_uri(params.tracking_uri)
     inputs = read_task_data(params)
     run_dir = Path(params.out_dir) / f"{inputs.dataset}-{cfg.task}-{cfg.unfreeze}-{params.run_key()}"
     run_name = (f"finetune {inputs.dataset}: {cfg.task}, unfreeze={cfg.unfreeze}"
@@ -236,7 +235,7 @@ def finetune(params: FinetuneParams) -> dict:
     logged = {"projector_dir": params.projector_dir, "manifest": params.manifest, "source_column": params.source_column,
               "source_encoder": params.source_encoder, **{f"n_{k}": len(v) for k, v in inputs.parts.items()},
               **{f"finetune.{k}": v for k, v in cfg.model_dump().items()}}
-    with tracking.stage_run("finetune", inputs.dataset, run_name, experiment=params.experiment,
+    with runs.stage_run("finetune", inputs.dataset, run_name, experiment=params.experiment,
                             parent_run_id=params.parent_run_id, tags={"weights_origin": inputs.weights_origin},
                             params=logged) as run:
         before, after, encoder_after = train_before_and_after(params, inputs, run_dir, run)
@@ -248,6 +247,3 @@ def finetune(params: FinetuneParams) -> dict:
         _log_outputs(run, params, out, after)
     _report(out, run_name, cfg.unfreeze, inputs.dataset, cfg.task)
     return asdict(out)
-
-
-expose_flow(__name__, "finetune")  # `from flows import finetune` calls the flow; `flows.finetune.X` is the module's

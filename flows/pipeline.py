@@ -12,19 +12,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows._flow_module import expose_flow
-from flows import _env  # noqa: F401
 
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import reporting, tracking
+from flows.tracking import reporting
+
+from flows.tracking import runs
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
-from projection.config import BaselineConfig, LossConfig, SplitConfig, TrainConfig
-from projection.finetune_config import FinetuneConfig
+from projection.align.config import BaselineConfig, LossConfig, SplitConfig, TrainConfig
+from projection.finetune.config import FinetuneConfig
 
 SAMPLE = Path("data/generated")
 TINY_RN = "data/models/xmodal-tiny-rn.json"
@@ -140,7 +140,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
 
     logger = get_run_logger()
     c = params
-    uri = tracking.tracking_uri(c.tracking_uri)
+    uri = runs.tracking_uri(c.tracking_uri)
     ensure_sample_data(c.manifest, c.class_manifest)
     from encoders.manifest import Manifest
 
@@ -148,20 +148,20 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
     # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
     run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
-    with tracking.stage_run("pipeline", dataset, run_name, experiment=experiment,
+    with runs.stage_run("pipeline", dataset, run_name, experiment=experiment,
                             tags={"prefect.flow_run_id": str(flow_run.id)}, work=f"pipeline:{c.model_dump_json()}",
-                            params=tracking.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
+                            params=runs.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
         pid = run.run_id
         extracts, stage1, stage2 = _stages(c, {"experiment": experiment, "tracking_uri": uri, "parent_run_id": pid})
         summary = evaluate(pid, experiment, stage1, stage2, extracts)
         registered = None
         if c.register_model:
-            from flows.promote import promote
+            from flows.tracking.promote import promote
 
             registered = promote(stage1["run_id"], c.register_model, c.register_alias)
     # the summary belongs to the pipeline's own flow run (its Artifacts tab), not to a subflow
     create_markdown_artifact(summary_markdown(pid, extracts, stage1, stage2, registered), key=_key("pipeline-summary"))
-    tracking.link_artifact(pid, _key("pipeline-mlflow"))
+    runs.link_artifact(pid, _key("pipeline-mlflow"))
     logger.info("pipeline finished: MLflow parent run %s", pid)
     return {"parent_run_id": pid, "extract": extracts, "align": stage1, "finetune": stage2, "summary": summary,
             "registered": registered}
@@ -193,11 +193,11 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
     dataset = extracts[0]["dataset"] if extracts else "data"
-    with tracking.stage_run("evaluate", dataset, "evaluate", experiment=experiment, parent_run_id=parent_run_id,
+    with runs.stage_run("evaluate", dataset, "evaluate", experiment=experiment, parent_run_id=parent_run_id,
                             flow="pipeline") as run:
         headline = _headline(stage1, stage2)
         for target in (run.run_id, parent_run_id):
-            tracking.log_metrics(target, headline)
+            runs.log_metrics(target, headline)
         run.log_json({"stage1": stage1["metrics"], "weights_origin": stage1["weights_origin"],
                       "stage2": stage2 and {k: stage2[k] for k in ("task", "before", "after", "alignment")}},
                      "evaluation.json")
@@ -218,6 +218,3 @@ def _headline(stage1: dict, stage2: dict | None) -> dict[str, float]:
     return headline
 
 
-PipelineConfig = PipelineParams  # the name before issue 13 (one suffix for a flow's input: *Params)
-
-expose_flow(__name__, "pipeline")  # `from flows import pipeline` calls the flow; `flows.pipeline.X` is the module's

@@ -1,25 +1,10 @@
-"""Stage-1 alignment: projectors, losses, closed-form baselines, metrics, data, training.
+"""The training side, in plain torch/numpy/scipy/scikit-learn (no Prefect, no MLflow: flows/ wraps it).
 
-Plain torch/numpy/scipy/sklearn; no Prefect/MLflow (the flows wrap these). Exports resolve
-lazily so `from projection.config import TrainConfig` does not pay for importing torch.
+    engine/       the one training loop and its bit-identical checkpoints
+    losses/       every loss, one registry (name -> module)
+    align/        stage 1: projector, closed-form baselines, fit recipe, metrics, transfer, pair data
+    semi/         stage 1 from few pairs: partly paired stores, closed-form refinement, semi trainer
+    finetune/     stage 2: unfreeze policy, encoder + projector + task head, tasks, saved models
+    contrastive/  contrastive tower training (photo <-> sketch)
+    search/       query -> encoder -> projector -> nearest gallery rows
 """
-
-from importlib import import_module
-
-_EXPORTS = {
-    "baselines": ["IdentityBaseline", "ProcrustesBaseline", "RidgeBaseline", "fit_baselines"],
-    "config": ["BaselineConfig", "LossConfig", "ProjectorConfig", "SplitConfig", "TrainConfig"],
-    "data": ["ArrayReader", "ChunkedPairs", "InMemoryPairs", "load_split", "make_split", "save_split"],
-    "losses": ["build_loss"],
-    "metrics": ["alignment_metrics", "similarity_matrix", "zero_shot"],
-    "projector": ["Projector", "load_projector", "make_projector", "save_projector"],
-    "train": ["TrainResult", "predict", "train_projector"],
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(import_module(f"projection.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'projection' has no attribute {name!r}")

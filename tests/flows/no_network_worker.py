@@ -12,7 +12,7 @@ try:  # proves the audit hook sees lookups: this one must be in the log
 except OSError:
     pass
 
-from flows import AlignParams, align  # noqa: E402
+from flows.align import AlignParams, align  # noqa: E402
 from tests_support import make_store  # noqa: E402
 
 import mlflow.telemetry.utils as telemetry  # noqa: E402

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from encoders.store import EmbeddingStore, StoreError
-from flows import AlignParams, align
-from projection.config import TrainConfig
-from projection.metrics import alignment_metrics
+from flows.align import AlignParams, align
+from projection.align.config import TrainConfig
+from projection.align.metrics import alignment_metrics
 from tests_support import make_store
 
 @pytest.fixture(scope="module")

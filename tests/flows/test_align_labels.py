@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from encoders.manifest import ManifestError
 from encoders.store import StoreWriter
-from flows import AlignParams, align
+from flows.align import AlignParams, align
 from flows.cli import app
 
 CLASSES = ["cat", "dog", "eel"]

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy.stats import ortho_group
 
-from flows import AlignParams, align
+from flows.align import AlignParams, align
 from tests_support import make_store
 
 D = 12

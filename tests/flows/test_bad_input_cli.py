@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows import AlignParams, align
+from flows.align import AlignParams, align
 from flows.cli import app
 from flows.errors import is_transient
-from projection.data import SplitTooSmall
+from projection.align.data import SplitTooSmall
 from tests_support import TINY_VIT, make_store
 
 ENCODER = f"open_clip:text:{TINY_VIT}?batch_size=16"

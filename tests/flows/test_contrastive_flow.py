@@ -65,7 +65,7 @@ def test_mlflow_run_holds_params_stepped_metrics_and_artifacts(digits_run):
 
 
 def test_returned_tower_specs_load_and_extract(digits_run, sample_data, tmp_path):
-    from flows import ExtractParams, extract_embeddings
+    from flows.extract import ExtractParams, extract_embeddings
     from encoders.store import EmbeddingStore
 
     manifest = Manifest.read(sample_data["digits"])

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from encoders.compute import plan_workers
 from encoders.factory import load_encoder
 from encoders.store import EmbeddingStore
-from flows import ExtractParams, extract_embeddings
+from flows.extract import ExtractParams, extract_embeddings
 from tests_support import TINY_VIT
 
 

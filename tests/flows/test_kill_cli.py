@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from flows.run_recovery import RESUMED_FROM, WORK
+from flows.tracking.recovery import RESUMED_FROM, WORK
 from tests_support import ROOT, TINY_VIT
 
 

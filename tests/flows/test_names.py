@@ -18,10 +18,10 @@ from flows.contrastive import ContrastiveParams
 from flows.extract import ExtractParams
 from flows.finetune import FinetuneParams
 from flows.pipeline import PipelineParams
-from projection.config import LOSS_NAMES, LossName
-from projection.contrastive_config import ContrastiveLossName
-from projection.finetune_config import TaskName, UnfreezePolicy
-from projection.tasks import TASKS
+from projection.align.config import LOSS_NAMES, LossName
+from projection.contrastive.config import ContrastiveLossName
+from projection.finetune.config import TaskName, UnfreezePolicy
+from projection.finetune.tasks import TASKS
 
 PARAMS = [ExtractParams, AlignParams, FinetuneParams, ContrastiveParams, PipelineParams]
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from prefect.utilities.callables import parameter_schema
 
-from flows import PipelineParams, pipeline
+from flows.pipeline import PipelineParams, pipeline
 from tests_support import deployment_flows, descriptions, form_values, python_values
 
 DEPLOYMENTS = deployment_flows()

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows import FinetuneParams, PipelineParams, finetune, pipeline
+from flows.finetune import FinetuneParams, finetune
+
+from flows.pipeline import PipelineParams, pipeline
 from tests_support import TINY_RN
 
 

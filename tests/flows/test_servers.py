@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows import PipelineParams, pipeline
-from flows.tracking import TrackingUnavailable
+from flows.pipeline import PipelineParams, pipeline
+from flows.tracking.runs import TrackingUnavailable
 from tests_support import ROOT, TINY_RN, deployment_flows, form_values, python_values
 
 BIN = Path(sys.executable).parent

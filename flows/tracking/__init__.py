@@ -1,0 +1,1 @@
+"""Everything MLflow: the stage run helper, killed-run recovery, reports, the served model, promote, compare."""

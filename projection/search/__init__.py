@@ -1,0 +1,1 @@
+"""Search: a query through its encoder (and projector) against a gallery store."""
