@@ -1,35 +1,155 @@
-"""`xmodal` command line: thin wrappers over the flows (which stay callable from Python)."""
+"""`xmodal` command line: one command per flow, generated from its ``*Params`` model, plus a few tools.
+
+The flow commands (extract, align, finetune, contrastive, pipeline) are built from the pydantic model
+the flow takes (``flows/params_cli.py``): every top-level field is an option (or an argument) with the
+model's name, default, choices and description, and ``--set key=value`` sets any field, nested ones
+included (``--set train.lr=3e-4``). Nothing is retyped here, so a field added to a model is on the
+command line at once. The flows stay callable from Python with the same models.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, get_args
+import inspect
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Annotated, Any, Iterator, Optional, get_origin
 
 import typer
-
-from projection.align.config import LossName, ProjectorConfig
-from projection.contrastive.config import ContrastiveConfig, ContrastiveLossName
-from projection.finetune.config import FinetuneConfig, TaskName, UnfreezePolicy
+from pydantic import BaseModel
 
 
-def _choices(literal: Any) -> str:
-    """CLI help for a family, derived from its Literal (which the config validates against)."""
-    return " | ".join(get_args(literal))
+@dataclass(frozen=True)
+class FlowCommand:
+    """A flow on the command line: its module, its ``*Params`` model, the flow, and how fields are typed."""
+
+    name: str
+    module: str
+    model: str
+    flow: str
+    positional: tuple[str, ...] = ()
+    short: dict[str, str] = field(default_factory=dict)
+    check: str | None = None  # a function of the module run on the params before the flow (bad input in one line)
 
 
-def _default(model: type, field: str) -> Any:
-    """The config's own default, so the CLI never drifts from Python (tests/flows/test_names.py)."""
-    return model.model_fields[field].default
+FLOW_COMMANDS = (
+    FlowCommand("extract", "flows.extract", "ExtractParams", "extract_embeddings", ("manifest",),
+                {"column": "-c", "encoder": "-e"}),
+    FlowCommand("align", "flows.align", "AlignParams", "align", ("source_store", "target_store"), check="check_inputs"),
+    FlowCommand("finetune", "flows.finetune", "FinetuneParams", "finetune", ("projector_dir",)),
+    FlowCommand("contrastive", "flows.contrastive", "ContrastiveParams", "contrastive_train", ("manifest",)),
+    FlowCommand("pipeline", "flows.pipeline", "PipelineParams", "pipeline"),
+)
+# Commands that import no flow: `xmodal search ...` does not pay for torch, prefect and mlflow.
+LIGHT_COMMANDS = {"search", "build-data", "--help"}
 
+
+def apply_sets(config: dict, items: list[str]) -> dict:
+    """Apply 'a.b.c=value' overrides to a nested dict; values are JSON when they parse (numbers, lists, null), else text."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise typer.BadParameter(f"--set {item!r}: {part!r} is not a section")
+        node[leaf] = value
+    return config
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def nested_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted name, default, description) of every field below the top level: what ``--set`` reaches."""
+    for name, info in model.model_fields.items():
+        if _is_model(info.annotation):
+            default = info.get_default(call_default_factory=True)
+            for sub, sub_info in type(default).model_fields.items():
+                if _is_model(sub_info.annotation):
+                    yield from nested_fields(sub_info.annotation, f"{prefix}{name}.{sub}.")
+                else:
+                    yield f"{prefix}{name}.{sub}", getattr(default, sub), sub_info.description or ""
+
+
+def _parameter(name: str, info: Any, spec: FlowCommand) -> inspect.Parameter:
+    """One model field as a typer argument or option: its name, type, default and description."""
+    help_text = (info.description or "").replace("[", "(").replace("]", ")")  # rich markup
+    if name in spec.positional:
+        marker, default = typer.Argument(help=help_text, show_default=False), inspect.Parameter.empty
+    else:
+        decls = [f"--{name.replace('_', '-')}", *([spec.short[name]] if name in spec.short else [])]
+        default = ... if info.is_required() else info.get_default(call_default_factory=True)
+        marker = typer.Option(*decls, help=help_text)
+    annotation = info.annotation
+    if get_origin(annotation) in (dict, list) or annotation in (dict, list):  # JSON on the command line
+        annotation, default = str, (None if default is ... else json.dumps(default))
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, marker])
+
+
+def add_flow_command(app: typer.Typer, spec: FlowCommand) -> None:
+    """Register ``spec``'s flow as a command whose options are its Params model's top-level fields."""
+    module = import_module(spec.module)
+    model: type[BaseModel] = getattr(module, spec.model)
+    top = {n: i for n, i in model.model_fields.items() if not _is_model(i.annotation)}
+    params = [_parameter(n, top[n], spec) for n in (*spec.positional, *[n for n in top if n not in spec.positional])]
+    params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Option("--set", "-s", help="Any field, nested ones too: KEY=VALUE (repeatable); "
+                                          "values are JSON when they parse, e.g. --set train.lr=3e-4.")]))
+
+    def run(**values: Any) -> None:
+        config = {k: (json.loads(v) if isinstance(v, str) and get_origin(top[k].annotation) in (dict, list) else v)
+                  for k, v in values.items() if k != "set_" and v is not None}
+        params_obj = model.model_validate(apply_sets(config, values.get("set_") or []))
+        if spec.check:
+            getattr(module, spec.check)(params_obj)  # bad input fails here, in one line, before any run exists
+        getattr(module, spec.flow)(params_obj)
+
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    run.__name__ = spec.flow
+    nested = "\n".join(f"  {k} = {json.dumps(v, default=str)}" for k, v, _ in nested_fields(model))
+    doc = next(iter(inspect.getdoc(model).splitlines()), spec.model)
+    epilog = f"Nested settings (--set KEY=VALUE), with their defaults:\n\n{nested}" if nested else None
+    app.command(spec.name, help=f"{doc} (flow `{spec.flow}`, model `{spec.model}`)", epilog=epilog,
+                rich_help_panel="Flows")(run)
 
 
 class _App(typer.Typer):
     """Errors that are the user's to fix end as one line on stderr and exit code 2 (flows/errors.py);
-    anything else keeps its traceback."""
+    anything else keeps its traceback. The flow commands are added on first use of the command list."""
+
+    light = False  # set for a light command: its run imports no flow module
+    armed = False  # set once this module's own commands are registered (the end of the module)
+
+    @property
+    def registered_commands(self) -> list:
+        commands = self.__dict__.setdefault("_commands", [])
+        if self.armed and not self.light and not self.__dict__.get("_flows_added"):
+            self.__dict__["_flows_added"] = True
+            for spec in FLOW_COMMANDS:
+                add_flow_command(self, spec)
+        return commands
+
+    @registered_commands.setter
+    def registered_commands(self, value: list) -> None:
+        self.__dict__["_commands"] = value
 
     def __call__(self, *args, **kwargs):
         from flows import errors
 
         errors.quiet_expected_tracebacks()
+        self.light = not args and not kwargs and len(sys.argv) > 1 and sys.argv[1] in LIGHT_COMMANDS - {"--help"}
         try:
             return super().__call__(*args, **kwargs)
         except Exception as exc:
@@ -40,27 +160,6 @@ class _App(typer.Typer):
 
 
 app = _App(add_completion=False, no_args_is_help=True, help="Cross-modal embedding alignment.")
-
-
-@app.command()
-def extract(
-    manifest: str = typer.Argument(..., help="CSV/Parquet manifest with an id column."),
-    column: str = typer.Option(..., "--column", "-c", help="Modality column to embed."),
-    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec, e.g. open_clip:image:ViT-B-32@/ckpt.safetensors"),
-    out_dir: str = typer.Option("runs/stores", help="Where stores go."),
-    on_error: str = typer.Option("skip", help="skip | fail"),
-    store_dtype: str = typer.Option("float32", help="float32 | float16"),
-    batch_size: Optional[int] = typer.Option(None, help="Override the spec's batch size."),
-    cpu_workers: Optional[int] = typer.Option(
-        None, help="CPU only: encode each batch as this many parallel one-thread slices (default: one per torch thread)."),
-    refresh: bool = typer.Option(False, help="Rebuild even if a complete store exists."),
-):
-    """Embed one manifest column with a frozen encoder into an HDF5 store (a Prefect flow, an MLflow run)."""
-    from flows.extract import ExtractParams, extract_embeddings
-
-    extract_embeddings(ExtractParams(manifest=manifest, column=column, encoder=encoder, out_dir=out_dir,
-                                     on_error=on_error, store_dtype=store_dtype, batch_size=batch_size,
-                                     cpu_workers=cpu_workers, refresh=refresh))
 
 
 @app.command("build-data")
@@ -97,46 +196,6 @@ def compare(
     typer.echo(f"plot: {comparison_plot(table, plot)}")
 
 
-def parse_loss(text: str) -> dict[str, float]:
-    """'mse' -> {'mse': 1.0}; 'mse=1,infonce=0.1' -> {'mse': 1.0, 'infonce': 0.1}."""
-    terms: dict[str, float] = {}
-    for part in filter(None, (t.strip() for t in text.split(","))):
-        name, _, weight = part.partition("=")
-        try:
-            terms[name.strip()] = float(weight) if weight else 1.0
-        except ValueError:
-            raise typer.BadParameter(f"loss term {part!r}: the weight after '=' must be a number, e.g. 'mse=1,infonce=0.1'") from None
-    if not terms:
-        raise typer.BadParameter("no loss terms given, e.g. 'mse' or 'mse=1,infonce=0.1'")
-    return terms
-
-
-def apply_sets(config: dict, items: list[str]) -> dict:
-    """Apply 'a.b.c=value' overrides to a nested dict; values are JSON when they parse (numbers, lists, null), else text."""
-    import json
-
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise typer.BadParameter(f"--set {item!r}: {part!r} is not a section")
-        node[leaf] = value
-    return config
-
-
-def _floats(text: str | None) -> list[float] | None:
-    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
-
-
 @app.command()
 def promote(
     run_id: str = typer.Argument(..., help="The align (stage-1) run whose projector to register."),
@@ -154,90 +213,6 @@ def promote(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"registered {out['name']} version {out['version']} as {out['uri']} (from run {run_id})")
-
-
-@app.command()
-def align(
-    source_store: str = typer.Argument(..., help="Source-modality store (.h5)."),
-    target_store: str = typer.Argument(..., help="Target-modality store (.h5)."),
-    kind: Optional[str] = typer.Option(None, help=f"Projector: {_choices(ProjectorConfig.model_fields['kind'].annotation)} "
-                                                 f"(default {_default(ProjectorConfig, 'kind')})."),
-    hidden: Optional[int] = typer.Option(None, help="MLP hidden width (default 1024)."),
-    depth: Optional[int] = typer.Option(None, help="MLP hidden layers (default 1)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: set by --steps)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer-step budget when --epochs is not given."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    batch_size: Optional[int] = typer.Option(None, help="Pairs per step."),
-    split_seed: Optional[int] = typer.Option(None, help="Salt of the id-hash split."),
-    ridge_alphas: Optional[str] = typer.Option(None, help="Ridge alphas to choose from on validation, e.g. '0.1,1,10'."),
-    loss: str = typer.Option("mse", help=f"Loss terms from {_choices(LossName)}, e.g. 'mse' or 'mse=1,infonce=0.1'."),
-    label_column: Optional[str] = typer.Option(None, help="Class labels (ints or strings): class-level R@1, transfer, zero-shot."),
-    label_manifest: Optional[str] = typer.Option(None, help="Manifest holding --label-column (default: the stores' own)."),
-    class_store: Optional[str] = typer.Option(None, help="Class-prompt store in the target space (zero-shot)."),
-    transfer_column: Optional[str] = typer.Option(None, help="Column for the transfer figure (default: --label-column)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any AlignParams field, e.g. train.weight_decay=0 (repeatable)."),
-    out_dir: str = typer.Option("runs/align", help="Where projectors go."),
-):
-    """Stage 1: train a projector source -> target, report it beside ridge and Procrustes."""
-    from pydantic import ValidationError
-
-    from encoders.store import StoreError
-    from flows.align import AlignParams, align as align_flow, check_inputs
-
-    options = {"projector": {"kind": kind, "hidden": hidden, "depth": depth},
-               "train": {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size},
-               "split": {"seed": split_seed}, "baselines": {"ridge_alphas": _floats(ridge_alphas)}}
-    config = {section: {k: v for k, v in fields.items() if v is not None} for section, fields in options.items()}
-    config |= {"source_store": source_store, "target_store": target_store, "loss": {"terms": parse_loss(loss)}, "label_column": label_column,
-               "label_manifest": label_manifest, "class_store": class_store, "transfer_column": transfer_column,
-               "out_dir": out_dir}
-    try:
-        params = AlignParams.model_validate(apply_sets(config, set_ or []))
-    except ValidationError as exc:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-    try:
-        check_inputs(params)  # outside the flow, so bad input is one line, not a flow-run traceback
-    except (ValueError, StoreError) as exc:  # ManifestError, StoreError: bad input, said in one line
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    align_flow(params)
-
-
-@app.command()
-def finetune(
-    projector_dir: str = typer.Argument(..., help="Stage-1 projector folder."),
-    manifest: str = typer.Option(..., help="Manifest with raw inputs and the task column."),
-    source_column: str = typer.Option(..., help="Source modality column."),
-    source_encoder: str = typer.Option(..., help="Source encoder spec."),
-    task: str = typer.Option(_default(FinetuneConfig, "task"), help=_choices(TaskName)),
-    unfreeze: str = typer.Option(_default(FinetuneConfig, "unfreeze"), help=_choices(UnfreezePolicy)),
-    last_n: int = typer.Option(_default(FinetuneConfig, "last_n"), help="Blocks to unfreeze with --unfreeze last_n."),
-    epochs: int = typer.Option(_default(FinetuneConfig, "epochs"), help="Maximum epochs."),
-    split_csv: Optional[str] = typer.Option(None, help="Stage-1 split.csv (keeps test ids unseen)."),
-    target_store: Optional[str] = typer.Option(None, help="Target store (retrieval; forgetting metrics)."),
-):
-    """Stage 2: fine-tune encoder (per policy) + projector + task head; prints before/after."""
-    from flows.finetune import FinetuneParams, finetune as finetune_flow
-
-    finetune_flow(FinetuneParams(projector_dir=projector_dir, manifest=manifest, source_column=source_column,
-                                 source_encoder=source_encoder, split_csv=split_csv, target_store=target_store,
-                                 config={"task": task, "unfreeze": unfreeze, "last_n": last_n, "epochs": epochs}))
-
-
-@app.command()
-def pipeline(
-    finetune_enabled: bool = typer.Option(False, "--finetune/--no-finetune", help="Run stage 2."),
-    params_file: Optional[str] = typer.Option(None, help="A JSON file with a full PipelineParams."),
-):
-    """The whole pipeline (defaults: the sample data)."""
-    from pathlib import Path
-
-    from flows.pipeline import PipelineParams, pipeline as pipeline_flow
-
-    cfg = PipelineParams.model_validate_json(Path(params_file).read_text()) if params_file else PipelineParams()
-    if finetune_enabled:
-        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": True})})
-    pipeline_flow(cfg)
 
 
 @app.command()
@@ -262,32 +237,14 @@ def search(
 
 
 @app.command()
-def contrastive(
-    manifest: str = typer.Argument(..., help="Manifest with two image columns (e.g. image, sketch)."),
-    column_a: str = typer.Option("image", help="First modality (tower a)."),
-    column_b: str = typer.Option("sketch", help="Second modality (tower b)."),
-    loss: str = typer.Option(_default(ContrastiveConfig, "loss"), help=_choices(ContrastiveLossName)),
-    epochs: int = typer.Option(_default(ContrastiveConfig, "epochs"), help="Epochs."),
-    batch_size: int = typer.Option(_default(ContrastiveConfig, "batch_size"), help="Pairs per step (the contrastive batch)."),
-    label_column: Optional[str] = typer.Option(None, help="Labels for class-level retrieval metrics (e.g. 'label')."),
-):
-    """Train two small towers contrastively; prints held-out retrieval, trained vs random init, and the tower specs."""
-    from flows.contrastive import ContrastiveParams, contrastive_train
-
-    out = contrastive_train(ContrastiveParams(manifest=manifest, column_a=column_a, column_b=column_b,
-                                              label_column=label_column,
-                                              config={"loss": loss, "epochs": epochs, "batch_size": batch_size}))
-    for name, spec in out["tower_specs"].items():
-        typer.echo(f"tower {name}: {spec}")
-
-
-@app.command()
 def demo():
     """Run the whole pipeline on the bundled sample data with embedded defaults."""
     from flows.demo import run_demo
 
     run_demo()
 
+
+app.armed = True
 
 if __name__ == "__main__":
     app()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from typing import get_origin
+
 import numpy as np
+import pytest
+import typer
+from pydantic import Field, create_model
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from encoders.store import StoreWriter
-from flows.cli import app
+from flows.cli import FLOW_COMMANDS, _is_model, app, apply_sets, nested_fields
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_search_cli_returns_known_top_k_and_clear_errors(tmp_path):
@@ -33,25 +43,66 @@ def test_search_cli_returns_known_top_k_and_clear_errors(tmp_path):
 def test_help_lists_every_command():
     out = CliRunner().invoke(app, ["--help"])
     for cmd in ("extract", "align", "finetune", "pipeline", "compare", "search", "contrastive", "demo", "build-data"):
-        assert cmd in out.output
+        assert f"│ {cmd} " in out.output, cmd
 
 
-def test_loss_and_set_parsers():
-    import pytest
-    import typer
+@pytest.mark.parametrize("spec", FLOW_COMMANDS, ids=lambda s: s.name)
+def test_each_flow_command_is_its_params_model(spec):
+    """Options and arguments are the model's top-level fields, with the model's defaults; nested fields are listed."""
+    model = getattr(importlib.import_module(spec.module), spec.model)
+    command = get_command(app).commands[spec.name]
+    got = {p.name: p for p in command.params if p.name != "set_"}
+    top = {n: i for n, i in model.model_fields.items() if not _is_model(i.annotation)}
+    assert set(got) == set(top)
+    for name, info in top.items():
+        if name in spec.positional:
+            assert got[name].param_type_name == "argument" and got[name].required
+        elif info.is_required():
+            assert got[name].required, name
+        elif get_origin(info.annotation) not in (dict, list):
+            assert got[name].default == info.default, f"xmodal {spec.name} --{name}: {got[name].default!r} != {info.default!r}"
+    help_text = CliRunner().invoke(app, [spec.name, "--help"], env={"COLUMNS": "200"}).output
+    for dotted, default, _ in nested_fields(model):
+        assert f"{dotted} = " in help_text, dotted
 
-    from flows.cli import apply_sets, parse_loss
 
-    assert parse_loss("mse=1,infonce=0.1") == {"mse": 1.0, "infonce": 0.1}
-    assert parse_loss("mse") == {"mse": 1.0} and parse_loss("mse, cosine=0.5") == {"mse": 1.0, "cosine": 0.5}
-    with pytest.raises(typer.BadParameter, match="'infonce=x'"):
-        parse_loss("mse=1,infonce=x")
+def test_a_field_added_to_a_model_is_on_the_command_line(monkeypatch, tmp_path):
+    """The CLI is derived, not retyped: a new AlignParams field shows in --help and reaches the flow."""
+    import flows.align as align_module
+    from flows.cli import FlowCommand, _App, add_flow_command
+
+    Extended = create_model("AlignParams", __base__=align_module.AlignParams,
+                            knob_added_later=(int, Field(7, description="A knob that exists only in the model.")))
+    seen = []
+    monkeypatch.setattr(align_module, "AlignParams", Extended)
+    monkeypatch.setattr(align_module, "align", seen.append)
+    fresh = _App(add_completion=False)
+    add_flow_command(fresh, FlowCommand("align", "flows.align", "AlignParams", "align", ("source_store", "target_store")))
+    help_text = CliRunner().invoke(fresh, ["--help"], env={"COLUMNS": "200"}).output
+    assert "--knob-added-later" in help_text and "A knob that exists only in the model." in help_text
+    res = CliRunner().invoke(fresh, ["a.h5", "b.h5", "--knob-added-later", "9", "--set", "train.lr=0.003",
+                                     "--set", "projector.hidden=64"])
+    assert res.exit_code == 0, res.output
+    (params,) = seen
+    assert isinstance(params, Extended) and params.knob_added_later == 9
+    assert (params.train.lr, params.projector.hidden, params.source_store) == (0.003, 64, "a.h5")
+
+
+def test_set_parser_and_bad_values_are_one_line(tmp_path):
     cfg = apply_sets({"train": {"lr": 1e-3}}, ["train.lr=3e-4", "projector.hidden=64", "baselines.ridge_alphas=[1, 10]",
                                                "label_column=species"])
     assert cfg == {"train": {"lr": 3e-4}, "projector": {"hidden": 64}, "baselines": {"ridge_alphas": [1, 10]},
                    "label_column": "species"}
     with pytest.raises(typer.BadParameter, match="key=value"):
         apply_sets({}, ["train.lr"])
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "align", "a.h5", "b.h5", "--set", "loss.terms={\"msee\": 1}"],
+                         capture_output=True, text=True, cwd=ROOT)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert last.startswith("xmodal: error: invalid loss") and "'msee'" in last and "mse" in last
 
 
 def test_align_cli_passes_what_users_tune(prefect_server, mlflow_uri, tmp_path):
@@ -63,10 +114,10 @@ def test_align_cli_passes_what_users_tune(prefect_server, mlflow_uri, tmp_path):
     ids = [f"i{k}" for k in range(120)]
     x = rng.normal(size=(120, 6)).astype(np.float32)
     a, b = make_store(tmp_path / "a.h5", ids, x), make_store(tmp_path / "b.h5", ids, np.tanh(x[:, :4]))
-    res = CliRunner().invoke(app, ["align", a, b, "--steps", "30", "--lr", "0.003", "--batch-size", "16",
-                                   "--split-seed", "7", "--hidden", "32", "--depth", "2", "--ridge-alphas", "0.1,10",
-                                   "--loss", "mse=1,cosine=0.5", "--set", "train.weight_decay=0",
-                                   "--out-dir", str(tmp_path / "runs")])
+    sets = ["train.steps=30", "train.lr=0.003", "train.batch_size=16", "split.seed=7", "projector.hidden=32",
+            "projector.depth=2", "baselines.ridge_alphas=[0.1,10]", 'loss.terms={"mse": 1, "cosine": 0.5}',
+            "train.weight_decay=0"]
+    res = CliRunner().invoke(app, ["align", a, b, *[x for s in sets for x in ("--set", s)], "--out-dir", str(tmp_path / "runs")])
     assert res.exit_code == 0, res.output
     run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("xmodal-align-synthetic").experiment_id])[0]
     p = run.data.params

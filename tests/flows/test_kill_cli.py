@@ -90,7 +90,7 @@ def test_kill_9_of_align_then_rerun_gives_one_run_with_the_whole_metric_history(
     tgt = make_store(tmp_path / "tgt.h5", ids, np.tanh(x[:, :16] * 2).astype(np.float32))
     env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
     env.pop("PREFECT_API_URL", None)
-    args = ("align", src, tgt, "--epochs", 30, "--out-dir", tmp_path / "align")
+    args = ("align", src, tgt, "--set", "train.epochs=30", "--out-dir", tmp_path / "align")
     victim = _xmodal(*args, env=env)
     deadline = time.time() + 300
     while not list((tmp_path / "align").glob("*/ckpt")):
