@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from data import fashion_mnist
-from data.common import load_png, save_png, sobel_sketch, write_csv  # noqa: F401 (re-exported)
+from data.common import save_png, sobel_sketch, write_csv
 from data.stereo import build_stereo
 
 BUILDER_VERSION = 1
@@ -134,11 +134,6 @@ def depth_to_gray(depth: np.ndarray) -> np.ndarray:
     """Depth in metres -> uint8 gray, near = bright (DEPTH_MIN -> 255, DEPTH_MAX -> 0)."""
     d = np.asarray(depth, dtype=np.float64)
     return np.rint((DEPTH_MAX - d) * (255.0 / (DEPTH_MAX - DEPTH_MIN))).clip(0, 255).astype(np.uint8)
-
-
-def gray_to_depth(gray: np.ndarray) -> np.ndarray:
-    """Inverse of ``depth_to_gray`` (up to quantisation, ~0.035 m)."""
-    return DEPTH_MAX - np.asarray(gray, dtype=np.float64) * ((DEPTH_MAX - DEPTH_MIN) / 255.0)
 
 
 def _shade(depth: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 import mlflow
@@ -61,10 +61,8 @@ class AlignParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source_store: str = Field(validation_alias=AliasChoices("source_store", "source"),
-                              description="Source-modality store (.h5), e.g. image embeddings.")
-    target_store: str = Field(validation_alias=AliasChoices("target_store", "target"),
-                              description="Target-modality store (.h5) whose space the projector maps into.")
+    source_store: str = Field(description="Source-modality store (.h5), e.g. image embeddings.")
+    target_store: str = Field(description="Target-modality store (.h5) whose space the projector maps into.")
     projector: ProjectorParams = Field(ProjectorParams(), description="Projector architecture.")
     loss: LossConfig = Field(LossConfig(), description="Training objective (MSE by default).")
     train: TrainConfig = Field(TrainConfig(), description="Optimiser, schedule, early stopping.")

@@ -32,8 +32,9 @@ from flows.tracking import reporting
 from flows.tracking import runs
 from flows.extract import _key
 from projection.align.config import SplitConfig
-from projection.contrastive.trainer import (ContrastiveConfig, DualEncoder, evaluate_pairs, save_tower, tower_spec,
-                                    train_contrastive)
+from projection.contrastive.config import ContrastiveConfig
+from projection.contrastive.towers import DualEncoder, save_tower, tower_spec
+from projection.contrastive.trainer import evaluate_pairs, train_contrastive
 from projection.align.data import make_split, save_split
 
 HEADLINE = ["b2a_r1", "b2a_r10", "b2a_label_r1", "a2b_r1", "a2b_r10", "a2b_label_r1", "b2a_mrr", "a2b_mrr"]

@@ -27,7 +27,6 @@ from projection.align.config import BaselineConfig, LossConfig, SplitConfig, Tra
 from projection.finetune.config import FinetuneConfig
 
 SAMPLE = Path("data/generated")
-TINY_RN = "data/models/xmodal-tiny-rn.json"
 # Pretrained EfficientNet-Lite0 (ImageNet-1k; the packaged copy offline). 28x28 Fashion-MNIST at 64 px:
 # a logistic probe on 600 images reads 0.72 (0.81 at 96 px, at 2.2x the compute; 224 px: ~10x).
 LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"

@@ -62,7 +62,8 @@ def finetune(ckpt, callback=None, changes=None):
 
 
 def contrastive(ckpt, callback=None, changes=None):
-    from projection.contrastive.trainer import ContrastiveConfig, train_contrastive
+    from projection.contrastive.config import ContrastiveConfig
+    from projection.contrastive.trainer import train_contrastive
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(40, 3, 32, 32, generator=g)

@@ -30,9 +30,9 @@ from torch import nn
 
 from projection.engine import loop
 from projection.engine.checkpoint import tensor_digest
-from projection.contrastive.config import TINY_RN, ContrastiveConfig, ContrastiveLossName, build_loss  # noqa: F401
+from projection.contrastive.config import ContrastiveConfig, build_loss
 from projection.align.metrics import bidirectional_ranks, rank_metrics
-from projection.contrastive.towers import DualEncoder, embed, save_tower, tower_spec  # noqa: F401
+from projection.contrastive.towers import DualEncoder, embed
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from data.common import load_png
 from data.build import (
     NUMBER_WORDS,
     build_all,
     depth_to_gray,
     ground_depth,
-    load_png,
     render_scene,
     upscale_digit,
 )

@@ -33,7 +33,7 @@ def partial_stores(tmp_path):
 def test_semi_mode_uses_unpaired_rows_records_pairing_and_beats_pairs_alone(prefect_server, mlflow_uri, tmp_path,
                                                                              partial_stores):
     a, b = partial_stores
-    out = align(AlignParams(source=a, target=b, mode="semi", paired_frac=0.04, semi_steps=150,
+    out = align(AlignParams(source_store=a, target_store=b, mode="semi", paired_frac=0.04, semi_steps=150,
                             projector={"hidden": 32}, train={"batch_size": 64}, out_dir=str(tmp_path)))
     m = out["metrics"]
     assert m["refined"]["p2t_r1"] > 0.9 > m["procrustes"]["p2t_r1"]  # 10 pairs alone cannot fix a 12-d rotation
@@ -51,7 +51,7 @@ def test_semi_mode_uses_unpaired_rows_records_pairing_and_beats_pairs_alone(pref
 
 def test_zero_pair_mode_aligns_two_encoders_of_the_same_inputs(prefect_server, mlflow_uri, tmp_path):
     a, b = rotated(tmp_path, np.r_[0:600], np.r_[0:600])  # same inputs; no training pair is used
-    out = align(AlignParams(source=a, target=b, mode="zero_pair", paired_frac=0.0, out_dir=str(tmp_path)))
+    out = align(AlignParams(source_store=a, target_store=b, mode="zero_pair", paired_frac=0.0, out_dir=str(tmp_path)))
     assert out["metrics"]["projector"]["p2t_r1"] > 0.9
     assert set(out["metrics"]) == {"projector", "refined"}  # no pairs: no pairs-only baseline to fit
 
@@ -59,8 +59,8 @@ def test_zero_pair_mode_aligns_two_encoders_of_the_same_inputs(prefect_server, m
 def test_modes_without_the_pairs_they_need_fail_in_one_line(prefect_server, mlflow_uri, tmp_path, partial_stores):
     a, b = partial_stores
     with pytest.raises(ValueError, match=r"mode 'semi' needs at least 2 pairs in the training split, got 0"):
-        align(AlignParams(source=a, target=b, mode="semi", paired_frac=0.0, out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=b, mode="semi", paired_frac=0.0, out_dir=str(tmp_path)))
     rng = np.random.default_rng(0)
     other = make_store(tmp_path / "other.h5", [f"z{k}" for k in range(50)], rng.normal(size=(50, D)).astype(np.float32))
     with pytest.raises(ValueError, match=r"the test split has no pairs \(the stores share 0 ids\)"):
-        align(AlignParams(source=a, target=other, mode="zero_pair", out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=other, mode="zero_pair", out_dir=str(tmp_path)))

@@ -21,8 +21,14 @@ def test_classification_head_scores_true_targets_above_noisy_projections_and_ran
                  "random": rng.normal(size=y[te].shape) * 3}
     s = transfer_scores(y[tr], labels[tr], y[te], labels[te], projected)
     assert s["transfer_task"] == 1.0  # string labels are classes
-    truth = float((labels[te] == labels[te]).mean())
-    assert s["transfer_true"] > 0.95 * truth
+    # the true-target row is what a user would compute by hand: a classifier fitted on the true train
+    # embeddings, scored on the true test embeddings (well-separated classes: near-perfect)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(y[tr])
+    by_hand = LogisticRegression(max_iter=2000).fit(scaler.transform(y[tr]), labels[tr]).score(scaler.transform(y[te]), labels[te])
+    assert by_hand > 0.9 and abs(s["transfer_true"] - by_hand) <= 0.02
     assert s["transfer_good"] > s["transfer_noisy"] > s["transfer_random"]
     assert s["transfer_random"] < 0.45  # four classes: chance is 0.25
 

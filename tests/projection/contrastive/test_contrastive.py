@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from encoders.factory import load_encoder
-from projection.contrastive.trainer import (ContrastiveConfig, DualEncoder, embed, load_images, retrieval_metrics,
-                                    save_tower, tower_spec, train_contrastive)
+from projection.contrastive.config import ContrastiveConfig
+from projection.contrastive.towers import DualEncoder, embed, save_tower, tower_spec
+from projection.contrastive.trainer import load_images, retrieval_metrics, train_contrastive
 
 
 def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
