@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from projection.align.baselines import ProcrustesBaseline, RidgeBaseline
 from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
 from projection.align.data import InMemoryPairs
-from projection.losses.registry import build_loss
+from projection.losses.core import build_weighted as build_loss
 from projection.engine.loop import epoch_seed
 from projection.align.projector import make_projector
 from projection.align.train import train_projector

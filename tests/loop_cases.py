@@ -22,7 +22,7 @@ EPOCHS = 3
 def stage1(ckpt, callback=None, changes=None):
     from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
     from projection.align.data import InMemoryPairs
-    from projection.losses.registry import build_loss
+    from projection.losses.core import build_weighted as build_loss
     from projection.align.projector import make_projector
     from projection.align.train import train_projector
 

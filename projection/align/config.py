@@ -12,8 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LossName = Literal["mse", "cosine", "infonce", "siglip"]
-LOSS_NAMES: tuple[str, ...] = ("mse", "cosine", "infonce", "siglip")
+from projection.losses.registry import LOSS_NAMES, LossName
 
 
 class _Strict(BaseModel):
@@ -67,7 +66,7 @@ class ProjectorConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    terms: dict[str, float] = Field(
+    terms: dict[LossName, float] = Field(
         # a plain default (pydantic copies it per instance), so the JSON schema and the UI form show it
         default={"mse": 1.0},
         description=f"Loss name -> weight; the total loss is the weighted sum. Names: {', '.join(LOSS_NAMES)}.",
@@ -83,10 +82,19 @@ class LossConfig(_Strict):
     def _check_terms(self) -> "LossConfig":
         if not self.terms:
             raise ValueError("LossConfig.terms is empty; give at least one loss, e.g. {'mse': 1.0}")
-        unknown = sorted(set(self.terms) - set(LOSS_NAMES))
-        if unknown:
-            raise ValueError(f"unknown loss name(s) {unknown}; choose from {list(LOSS_NAMES)}")
+        if "queue_infonce" in self.terms:  # its negatives come from a queue of past batches: a tower-training loss
+            raise ValueError("loss 'queue_infonce' trains towers (xmodal contrastive), not a stage-1 projector")
         return self
+
+    def kwargs_for(self, name: str) -> dict:
+        """The settings of this config that loss ``name`` takes (the registry builds it with them)."""
+        if name == "infonce":
+            return {"temperature": self.temperature, "learnable": self.learn_temperature,
+                    "max_logit_scale": self.max_logit_scale}
+        if name == "siglip":
+            return {"logit_scale": self.siglip_logit_scale, "bias": self.siglip_bias, "learnable": self.learn_siglip,
+                    "max_logit_scale": self.max_logit_scale}
+        return {}
 
 
 class TrainConfig(_Strict):

@@ -29,7 +29,7 @@ import torch
 
 from projection.align.baselines import RidgeBaseline
 from projection.align.config import LossConfig, ProjectorConfig, TrainConfig, resolve_epochs
-from projection.losses.registry import build_loss
+from projection.losses.core import build_weighted
 from projection.align.projector import Projector, make_projector
 from projection.align.metrics import bidirectional_ranks
 from projection.engine.loop import Callback
@@ -66,7 +66,7 @@ def fit_projector(pcfg: ProjectorConfig, loss_cfg: LossConfig, tcfg: TrainConfig
     if ridge_start:
         ridge = ridge or RidgeBaseline(1.0, standardize=True).fit(x_fit, y_fit)
         model.start_at(*ridge.affine())
-    loss_fn = build_loss(loss_cfg)
+    loss_fn = build_weighted(loss_cfg)
     has_val = val_set is not None and len(val_set) > 0 and hasattr(val_set, "x")
     start_val, start_err = _val_scores(model, loss_fn, val_set, tcfg, loss_cfg) if has_val else (None, None)
     start = ({k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -13,18 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from projection.losses.registry import REGRESSION_LOSSES, LossName, build_loss, loss_class
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_RN = ROOT / "data" / "models" / "xmodal-tiny-rn.json"
 
-ContrastiveLossName = Literal["infonce", "siglip", "ntxent", "triplet", "npair", "lifted", "queue_infonce", "contrastive"]
 _TEMPERATURE_LOSSES = ("infonce", "ntxent", "queue_infonce")
-
-
-def _loss_class(name: str) -> type:
-    from projection.losses.registry import InfoNCELoss, SigLIPLoss
-    from projection.losses.pairs import PAIR_LOSSES
-
-    return {"infonce": InfoNCELoss, "siglip": SigLIPLoss, **PAIR_LOSSES}[name]
 
 
 class ContrastiveConfig(BaseModel):
@@ -43,7 +37,7 @@ class ContrastiveConfig(BaseModel):
         "'shared': one tower embeds both modalities (or two augmented views of one).",
     )
     tie_init: bool = Field(False, description="'two' towers only: start both towers from the same random weights.")
-    loss: ContrastiveLossName = Field(
+    loss: LossName = Field(
         "infonce",
         description="infonce/siglip: CLIP/SigLIP losses (projection.losses.registry); the rest are the metric-learning "
         "losses of projection.losses.pairs. The a-tower's embedding plays CLIP's 'image'.",
@@ -89,6 +83,9 @@ class ContrastiveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ContrastiveConfig":
+        if self.loss in REGRESSION_LOSSES:
+            raise ValueError(f"loss {self.loss!r} has no negatives: two towers trained on it collapse onto a constant; "
+                             "choose a contrastive loss (infonce, siglip, ntxent, triplet, ...)")
         path = Path(self.model_json)
         if not path.is_file():
             raise ValueError(f"model_json {self.model_json!r} does not exist (an open_clip model-config JSON)")
@@ -98,7 +95,7 @@ class ContrastiveConfig(BaseModel):
             raise ValueError(f"model_json {self.model_json} is not an open_clip model config: no {missing}")
         kwargs = self.loss_kwargs_resolved(int(cfg["embed_dim"]))
         try:
-            inspect.signature(_loss_class(self.loss)).bind(**kwargs)
+            inspect.signature(loss_class(self.loss)).bind(**kwargs)
         except TypeError as exc:
             raise ValueError(f"loss_kwargs {self.loss_kwargs} do not fit loss {self.loss!r}: {exc}") from None
         return self
@@ -117,6 +114,6 @@ class ContrastiveConfig(BaseModel):
         return json.loads(Path(self.model_json).read_text())
 
 
-def build_loss(cfg: ContrastiveConfig, embed_dim: int):
+def build_tower_loss(cfg: ContrastiveConfig, embed_dim: int):
     """The loss module; any learnable temperature lives in it and is optimised with the towers."""
-    return _loss_class(cfg.loss)(**cfg.loss_kwargs_resolved(embed_dim))
+    return build_loss(cfg.loss, **cfg.loss_kwargs_resolved(embed_dim))

@@ -30,7 +30,7 @@ from torch import nn
 
 from projection.engine import loop
 from projection.engine.checkpoint import tensor_digest
-from projection.contrastive.config import ContrastiveConfig, build_loss
+from projection.contrastive.config import ContrastiveConfig, build_tower_loss
 from projection.align.metrics import bidirectional_ranks, rank_metrics
 from projection.contrastive.towers import DualEncoder, embed
 
@@ -198,7 +198,7 @@ def train_contrastive(
     size = model.preprocess_cfg["size"]
     augment = _Augment(cfg, int(size if isinstance(size, int) else size[0])) if cfg.augment else None
     model.to(cfg.device)
-    loss_fn = build_loss(cfg, model.embed_dim).to(cfg.device)
+    loss_fn = build_tower_loss(cfg, model.embed_dim).to(cfg.device)
     trainer = ContrastiveTrainer(model, loss_fn, xa, xb, val, augment, cfg)
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:

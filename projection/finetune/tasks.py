@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from projection.finetune.config import FinetuneConfig
-from projection.losses.registry import InfoNCELoss
+from projection.losses.core import InfoNCELoss
 from projection.align.metrics import bidirectional_ranks
 
 

@@ -14,7 +14,7 @@ Conventions (as in open_clip's loss.py):
 * no loss L2-normalises its inputs unless its docstring says so (NT-Xent, the queue loss
   and cosine-distance triplets do; N-pair, contrastive, lifted work on raw vectors).
 
-`build_pair_loss(name, **kwargs)` builds one from `PAIR_LOSSES`.
+`projection.losses.registry.build_loss(name, **kwargs)` builds any of them by name.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from projection.losses.geometry import check_pair, pair_labels, pairwise_dist, pairwise_sq_dist, safe_sqrt
-from projection.losses.queue import MemoryQueue, QueueInfoNCELoss
 
 __all__ = [
     "NTXentLoss",
@@ -34,10 +33,6 @@ __all__ = [
     "TripletLoss",
     "NPairLoss",
     "LiftedStructuredLoss",
-    "MemoryQueue",
-    "QueueInfoNCELoss",
-    "PAIR_LOSSES",
-    "build_pair_loss",
 ]
 
 
@@ -327,21 +322,3 @@ class LiftedStructuredLoss(_BatchPairLoss):
 
 
 # ----------------------------------------------------------------------------- registry
-
-PAIR_LOSSES: dict[str, type[nn.Module]] = {
-    "ntxent": NTXentLoss,
-    "contrastive": ContrastiveLoss,
-    "triplet": TripletLoss,
-    "npair": NPairLoss,
-    "lifted": LiftedStructuredLoss,
-    "queue_infonce": QueueInfoNCELoss,
-}
-
-
-def build_pair_loss(name: str, **kwargs) -> nn.Module:
-    """PAIR_LOSSES[name](**kwargs), e.g. build_pair_loss("triplet", margin=0.3, mining="hardest")."""
-    try:
-        cls = PAIR_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown pair loss {name!r}; choose from {sorted(PAIR_LOSSES)}") from None
-    return cls(**kwargs)

@@ -1,7 +1,7 @@
 """InfoNCE against a MoCo memory queue (He et al. 2020): the pair loss for small batches.
 
 Its own module because the queue is state (buffers saved in ``state_dict``) rather than a formula;
-registered in ``projection.losses.pairs.PAIR_LOSSES`` as ``queue_infonce`` with the other pair losses.
+registered in ``projection.losses.registry`` as ``queue_infonce`` with the other losses.
 """
 
 from __future__ import annotations

@@ -1,109 +1,46 @@
-"""Alignment losses with one calling convention: `loss(pred, target) -> scalar`.
+"""Every loss by name: one Literal of names, one table of classes, one ``build_loss``.
 
-Regression losses (MSE, cosine) pull each projected vector onto its own target.
-Contrastive losses (InfoNCE, SigLIP) also push it away from the other targets in the
-batch, which is what retrieval metrics reward. The contrastive ones reuse open_clip's
-implementations so our numbers mean the same as CLIP/SigLIP papers'. Learnable
-temperatures live inside the loss module: the trainer optimises `loss.parameters()` too.
+Stage 1 (a weighted sum of terms, ``LossConfig.terms``), stage 2's tasks and contrastive tower
+training all build their losses here, so adding a loss is one class plus one line in ``_CLASSES``
+(the name joins ``LossName`` and so every config, form and CLI choice). Every loss is an
+``nn.Module`` called as ``loss(a, b) -> scalar`` on paired rows, labels derived (open_clip's
+convention). Importing this module imports no torch: configs validate names against it cheaply.
 """
 
 from __future__ import annotations
 
-import math
+from importlib import import_module
+from typing import Any, Literal, get_args
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+LossName = Literal["mse", "cosine", "infonce", "siglip", "ntxent", "contrastive", "triplet", "npair", "lifted",
+                   "queue_infonce"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+# Losses that pull each row onto its partner only, with no other rows as negatives: they cannot train two towers
+# from scratch (both collapse onto a constant), so contrastive training refuses them.
+REGRESSION_LOSSES = ("mse", "cosine")
 
-from projection.align.config import LOSS_NAMES, LossConfig
-
-
-class MSELoss(nn.Module):
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(pred, target)  # mean over N * D elements
-
-
-class CosineLoss(nn.Module):
-    """1 - mean cosine: ignores norms, which often differ arbitrarily between encoders."""
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
-
-
-class InfoNCELoss(nn.Module):
-    """Symmetric InfoNCE (the CLIP loss) on L2-normalised vectors; pred plays 'image'."""
-
-    def __init__(self, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0):
-        super().__init__()
-        from open_clip.loss import ClipLoss  # lazy: importing open_clip costs seconds
-
-        self.clip_loss = ClipLoss()
-        self.max_logit_scale = max_logit_scale
-        init = torch.tensor(math.log(1.0 / temperature))
-        if learnable:
-            self.logit_scale = nn.Parameter(init)
-        else:
-            self.register_buffer("logit_scale", init)
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
-        return self.clip_loss(F.normalize(pred, dim=-1), F.normalize(target, dim=-1), scale)
+_CLASSES = {
+    "mse": "projection.losses.core:MSELoss",
+    "cosine": "projection.losses.core:CosineLoss",
+    "infonce": "projection.losses.core:InfoNCELoss",
+    "siglip": "projection.losses.core:SigLIPLoss",
+    "ntxent": "projection.losses.pairs:NTXentLoss",
+    "contrastive": "projection.losses.pairs:ContrastiveLoss",
+    "triplet": "projection.losses.pairs:TripletLoss",
+    "npair": "projection.losses.pairs:NPairLoss",
+    "lifted": "projection.losses.pairs:LiftedStructuredLoss",
+    "queue_infonce": "projection.losses.queue:QueueInfoNCELoss",
+}
 
 
-class SigLIPLoss(nn.Module):
-    """Pairwise sigmoid loss (SigLIP) on L2-normalised vectors; no batch-wide softmax."""
-
-    def __init__(self, logit_scale: float = 10.0, bias: float = -10.0, learnable: bool = True, max_logit_scale: float = 100.0):
-        super().__init__()
-        from open_clip.loss import SigLipLoss
-
-        self.siglip_loss = SigLipLoss()
-        self.max_logit_scale = max_logit_scale
-        scale, b = torch.tensor(math.log(logit_scale)), torch.tensor(float(bias))
-        if learnable:
-            self.logit_scale, self.logit_bias = nn.Parameter(scale), nn.Parameter(b)
-        else:
-            self.register_buffer("logit_scale", scale)
-            self.register_buffer("logit_bias", b)
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
-        return self.siglip_loss(F.normalize(pred, dim=-1), F.normalize(target, dim=-1), scale, self.logit_bias)
+def loss_class(name: str) -> type:
+    """The class registered under ``name`` (imported on first use: open_clip's losses cost seconds)."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
+    module, cls = _CLASSES[name].split(":")
+    return getattr(import_module(module), cls)
 
 
-class WeightedLoss(nn.Module):
-    """sum_k w_k * loss_k; `components` gives the unweighted terms for logging."""
-
-    def __init__(self, terms: dict[str, tuple[nn.Module, float]]):
-        super().__init__()
-        self.losses = nn.ModuleDict({name: mod for name, (mod, _) in terms.items()})
-        self.weights = {name: float(w) for name, (_, w) in terms.items()}
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = None
-        for name, loss in self.losses.items():
-            w = self.weights[name]
-            term = loss(pred, target) if w == 1.0 else w * loss(pred, target)
-            total = term if total is None else total + term
-        return total
-
-    @torch.no_grad()
-    def components(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        return {name: float(loss(pred, target)) for name, loss in self.losses.items()}
-
-
-def make_loss(name: str, cfg: LossConfig | None = None) -> nn.Module:
-    cfg = cfg or LossConfig()
-    if name == "mse":
-        return MSELoss()
-    if name == "cosine":
-        return CosineLoss()
-    if name == "infonce":
-        return InfoNCELoss(cfg.temperature, cfg.learn_temperature, cfg.max_logit_scale)
-    if name == "siglip":
-        return SigLIPLoss(cfg.siglip_logit_scale, cfg.siglip_bias, cfg.learn_siglip, cfg.max_logit_scale)
-    raise ValueError(f"unknown loss name {name!r}; choose from {list(LOSS_NAMES)}")
-
-
-def build_loss(cfg: LossConfig) -> WeightedLoss:
-    return WeightedLoss({name: (make_loss(name, cfg), w) for name, w in cfg.terms.items()})
+def build_loss(name: str, **kwargs: Any):
+    """``loss_class(name)(**kwargs)``, e.g. ``build_loss("triplet", margin=0.3, mining="hardest")``."""
+    return loss_class(name)(**kwargs)

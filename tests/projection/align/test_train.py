@@ -6,7 +6,7 @@ import torch
 from projection.align.baselines import RidgeBaseline
 from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
 from projection.align.data import InMemoryPairs, make_split
-from projection.losses.registry import build_loss
+from projection.losses.core import build_weighted as build_loss
 from projection.align.projector import make_projector
 from projection.engine.loop import warmup_cosine
 from projection.align.train import CHECKPOINT_FILE, predict, train_projector

@@ -11,17 +11,11 @@ import math
 import pytest
 import torch
 
-from projection.losses.pairs import (
-    PAIR_LOSSES,
-    ContrastiveLoss,
-    LiftedStructuredLoss,
-    MemoryQueue,
-    NPairLoss,
-    NTXentLoss,
-    QueueInfoNCELoss,
-    TripletLoss,
-    build_pair_loss,
-)
+from projection.losses.pairs import ContrastiveLoss, LiftedStructuredLoss, NPairLoss, NTXentLoss, TripletLoss
+from projection.losses.queue import MemoryQueue, QueueInfoNCELoss
+from projection.losses.registry import build_loss, loss_class
+
+PAIR_LOSSES = ("ntxent", "contrastive", "triplet", "npair", "lifted", "queue_infonce")
 
 T = torch.tensor
 
@@ -391,8 +385,8 @@ BUILD_KWARGS = {
 
 @pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_gradients_flow(name, gen):
-    loss_fn = build_pair_loss(name, **BUILD_KWARGS[name])
-    assert isinstance(loss_fn, PAIR_LOSSES[name])
+    loss_fn = build_loss(name, **BUILD_KWARGS[name])
+    assert isinstance(loss_fn, loss_class(name))
     a = torch.randn(5, 4, generator=gen)
     b = a + 0.1 * torch.randn(5, 4, generator=gen)
     b[0] = a[0]  # an exact duplicate pair: zero distance must not give NaN gradients
@@ -408,6 +402,6 @@ def test_gradients_flow(name, gen):
 
 
 def test_registry_names_and_unknown_name():
-    assert set(PAIR_LOSSES) == {"ntxent", "contrastive", "triplet", "npair", "lifted", "queue_infonce"}
-    with pytest.raises(ValueError, match=r"unknown pair loss 'arcface'.*contrastive.*queue_infonce"):
-        build_pair_loss("arcface")
+    assert loss_class("triplet") is TripletLoss and loss_class("queue_infonce") is QueueInfoNCELoss
+    with pytest.raises(ValueError, match=r"unknown loss 'arcface'.*contrastive.*queue_infonce"):
+        build_loss("arcface")

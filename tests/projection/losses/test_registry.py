@@ -5,7 +5,8 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from pydantic import ValidationError
 
 from projection.align.config import LossConfig
-from projection.losses.registry import CosineLoss, InfoNCELoss, MSELoss, SigLIPLoss, build_loss, make_loss
+from projection.losses.core import CosineLoss, InfoNCELoss, MSELoss, SigLIPLoss, build_weighted
+from projection.losses.registry import LOSS_NAMES, LossName, build_loss, loss_class
 
 
 def test_mse_and_cosine_hand_values():
@@ -49,23 +50,32 @@ def test_weighted_sum_equals_sum_and_has_params():
     torch.manual_seed(2)
     p, t = torch.randn(8, 4), torch.randn(8, 4)
     cfg = LossConfig(terms={"mse": 0.5, "cosine": 2.0, "infonce": 1.0, "siglip": 0.25})
-    loss = build_loss(cfg)
+    loss = build_weighted(cfg)
     expected = (
-        0.5 * make_loss("mse", cfg)(p, t)
-        + 2.0 * make_loss("cosine", cfg)(p, t)
-        + make_loss("infonce", cfg)(p, t)
-        + 0.25 * make_loss("siglip", cfg)(p, t)
+        0.5 * build_loss("mse", **cfg.kwargs_for("mse"))(p, t)
+        + 2.0 * build_loss("cosine", **cfg.kwargs_for("cosine"))(p, t)
+        + build_loss("infonce", **cfg.kwargs_for("infonce"))(p, t)
+        + 0.25 * build_loss("siglip", **cfg.kwargs_for("siglip"))(p, t)
     )
     assert torch.allclose(loss(p, t), expected)
     assert len(list(loss.parameters())) == 3  # infonce scale, siglip scale + bias
     assert set(loss.components(p, t)) == {"mse", "cosine", "infonce", "siglip"}
 
 
-def test_unknown_loss_name():
-    with pytest.raises(ValidationError, match="unknown loss name"):
-        LossConfig(terms={"mse": 1.0, "triplet": 1.0})
-    with pytest.raises(ValueError, match="unknown loss name 'triplet'"):
-        make_loss("triplet")
+def test_one_registry_names_every_loss_and_refuses_unknown_ones():
+    from typing import get_args
+
+    assert LOSS_NAMES == get_args(LossName) and len(LOSS_NAMES) == 10
+    assert all(isinstance(loss_class(n), type) for n in LOSS_NAMES)  # each name builds a class
+    with pytest.raises(ValidationError, match="msee"):  # the config's schema refuses a typo by name
+        LossConfig(terms={"mse": 1.0, "msee": 1.0})
+    with pytest.raises(ValidationError, match="queue_infonce"):
+        LossConfig(terms={"queue_infonce": 1.0})
+    assert LossConfig(terms={"mse": 1.0, "triplet": 0.5}).terms == {"mse": 1.0, "triplet": 0.5}  # pair losses fit stage 1
+    with pytest.raises(ValueError, match="unknown loss 'msee'"):
+        build_loss("msee")
+    schema = LossConfig.model_json_schema()
+    assert schema["properties"]["terms"]["propertyNames"]["enum"] == list(LOSS_NAMES)  # the UI form's choices
 
 
 def test_infonce_and_siglip_hand_values_on_two_orthonormal_pairs():
