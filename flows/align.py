@@ -43,6 +43,7 @@ from projection.align.projector import save_projector
 from projection.semi.trainer import SemiConfig, fit_semi_mode
 from projection.align.train import TrainResult, predict
 from projection.align.transfer import transfer_scores
+from projection.engine.run_folder import hold_run_folder
 
 
 class ProjectorParams(ProjectorConfig):
@@ -144,15 +145,16 @@ def align(params: AlignParams) -> dict:
                  "fit": (semi.xp, semi.yp)}
     key = params.run_key(src, tgt)
     run_dir = Path(params.out_dir) / f"{src.attrs.get('dataset', 'data')}-{src.attrs.get('modality')}-to-{tgt.attrs.get('modality')}-{key}"
-    fresh = not run_dir.exists()  # an existing folder holds a killed run's checkpoint: resume, never delete it
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        out = _run(params, src, tgt, pcfg, data, split, ids, task, run_dir)
-    except Exception:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed run leaves no half-made folder
-        raise
-    _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
+    with hold_run_folder(run_dir):  # an identical run started at the same time waits here, then resumes
+        fresh = not run_dir.exists()  # an existing folder holds a killed run's checkpoint: resume, never delete it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out = _run(params, src, tgt, pcfg, data, split, ids, task, run_dir)
+        except Exception:
+            if fresh:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a failed run leaves no half-made folder
+            raise
+        _publish_latest(run_dir, Path(params.out_dir) / f"{run_dir.name.rsplit('-', 1)[0]}-latest")
     return out
 
 

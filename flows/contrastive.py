@@ -36,6 +36,7 @@ from projection.contrastive.config import ContrastiveConfig
 from projection.contrastive.towers import DualEncoder, save_tower, tower_spec
 from projection.contrastive.trainer import evaluate_pairs, train_contrastive
 from projection.align.data import make_split, save_split
+from projection.engine.run_folder import hold_run_folder
 
 HEADLINE = ["b2a_r1", "b2a_r10", "b2a_label_r1", "a2b_r1", "a2b_r10", "a2b_label_r1", "b2a_mrr", "a2b_mrr"]
 
@@ -213,16 +214,16 @@ def contrastive_train(params: ContrastiveParams) -> dict:
     init = DualEncoder.from_config(cfg)  # the random-init towers: the exact start of training
     pairs = read_pairs(params, init)
     run_dir = Path(params.out_dir) / f"{pairs.dataset}-{a}-{b}-{cfg.towers}-{cfg.loss}-{pairs.run_key}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_split(pairs.ids, pairs.split, run_dir / "split.csv")
     n = {f"n_{k}": len(v) for k, v in pairs.split.items()}
     logged = runs.flatten({"contrastive": cfg.model_dump(), "split": params.split.model_dump()}) | n | {
         "manifest": params.manifest, "column_a": a, "column_b": b, "label_column": params.label_column,
         "n_skipped": pairs.n_skipped, "embed_dim": init.embed_dim, "run_dir": str(run_dir)}
     run_name = f"contrastive {pairs.dataset}: {a} <-> {b} ({cfg.towers} towers, {cfg.loss})"
-    with runs.stage_run("contrastive", pairs.dataset, run_name, experiment=params.experiment,
-                            parent_run_id=params.parent_run_id, tags={"weights_origin": "trained-contrastive"},
-                            params=logged) as run:
+    with hold_run_folder(run_dir), runs.stage_run(  # work: a killed run of this folder is marked KILLED, linked
+            "contrastive", pairs.dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
+            tags={"weights_origin": "trained-contrastive"}, params=logged, work=run_dir) as run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_split(pairs.ids, pairs.split, run_dir / "split.csv")
         result = train_towers(pairs, cfg, run_dir, run)
         rows = evaluate_towers(pairs, {"trained": result.model, RANDOM_INIT: init}, cfg)
         towers = {w: save_tower(result.model, w, run_dir / f"tower_{w}") for w in ("a", "b")}

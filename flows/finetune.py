@@ -32,6 +32,7 @@ from flows.tracking import runs
 from flows.extract import _key
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
+from projection.engine.run_folder import hold_run_folder
 from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
                                  frozen_head_baseline, trainable_prefixes)
 from projection.finetune.io import save_finetuned
@@ -235,9 +236,9 @@ def finetune(params: FinetuneParams) -> dict:
     logged = {"projector_dir": params.projector_dir, "manifest": params.manifest, "source_column": params.source_column,
               "source_encoder": params.source_encoder, **{f"n_{k}": len(v) for k, v in inputs.parts.items()},
               **{f"finetune.{k}": v for k, v in cfg.model_dump().items()}}
-    with runs.stage_run("finetune", inputs.dataset, run_name, experiment=params.experiment,
-                            parent_run_id=params.parent_run_id, tags={"weights_origin": inputs.weights_origin},
-                            params=logged) as run:
+    with hold_run_folder(run_dir), runs.stage_run(  # work: a killed run of this folder is marked KILLED, linked
+            "finetune", inputs.dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
+            tags={"weights_origin": inputs.weights_origin}, params=logged, work=run_dir) as run:
         before, after, encoder_after = train_before_and_after(params, inputs, run_dir, run)
         test_before = evaluate_task(before.model, inputs.data["test"], cfg.eval_batch_size)
         test_after = test_before if after is before else evaluate_task(after.model, inputs.data["test"], cfg.eval_batch_size)

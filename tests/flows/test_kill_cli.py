@@ -112,3 +112,58 @@ def test_kill_9_of_align_then_rerun_gives_one_run_with_the_whole_metric_history(
     epochs = int(done.data.metrics["epochs_run"])
     history = client.get_metric_history(done.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == epochs
+
+
+def test_two_identical_align_runs_started_together_end_with_the_same_projector(mlflow_uri, tmp_path):
+    """They share a run folder (named by inputs and settings): the second waits for the first, then reuses its
+    checkpoint; neither dies on the other's files (issue 19: 'No such file ... checkpoint.pt.tmp')."""
+    import numpy as np
+
+    from tests_support import make_store
+
+    rng = np.random.default_rng(1)
+    ids = [f"r{i}" for i in range(2000)]
+    x = rng.normal(size=(2000, 24)).astype(np.float32)
+    src = make_store(tmp_path / "src.h5", ids, x)
+    tgt = make_store(tmp_path / "tgt.h5", ids, np.tanh(x[:, :12] * 2).astype(np.float32))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
+    env.pop("PREFECT_API_URL", None)
+    args = ("align", src, tgt, "--set", "train.epochs=8", "--out-dir", tmp_path / "align")
+    first, second = _xmodal(*args, env=env), _xmodal(*args, env=env)
+    outs = [p.communicate(timeout=900)[0] for p in (first, second)]
+    for p, out in zip((first, second), outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "No such file" not in out
+    assert any("waiting for run folder" in out for out in outs), "the runs did not overlap: nothing was tested"
+    (folder,) = [d for d in (tmp_path / "align").iterdir() if d.is_dir() and not d.name.endswith("-latest")]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xmodal-align-synthetic").experiment_id],
+                              filter_string=f"params.run_dir LIKE '%{tmp_path.name}%'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    # both report the one projector the folder holds: same test metrics to the last digit
+    assert runs[0].data.metrics["test_p2t_r1"] == runs[1].data.metrics["test_p2t_r1"]
+    assert (folder / "projector").is_dir()
+
+
+def test_kill_9_of_contrastive_then_rerun_marks_the_killed_run(mlflow_uri, tmp_path, sample_data):
+    from tests_support import kill_9_after_first_checkpoint
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
+    env.pop("PREFECT_API_URL", None)
+    args = ("contrastive", sample_data["digits"], "--column-a", "image", "--column-b", "sketch",
+            "--set", "config.epochs=6", "--set", "config.threads=1", "--out-dir", tmp_path / "towers")
+    victim = _xmodal(*args, env=env)
+    deadline = time.time() + 300
+    while not list((tmp_path / "towers").glob("*/ckpt")):
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else ""
+        time.sleep(0.1)
+    kill_9_after_first_checkpoint(victim, next((tmp_path / "towers").glob("*/ckpt")) / "checkpoint.pt", timeout=300)
+    rerun = _xmodal(*args, env=env)
+    out = rerun.communicate(timeout=900)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("xmodal-contrastive-digits").experiment_id])
+            if tmp_path.name in r.data.params.get("run_dir", "")]
+    by_status = {r.info.status: r for r in runs}
+    assert len(runs) == 2 and set(by_status) == {"KILLED", "FINISHED"}, [r.info.status for r in runs]
+    assert by_status["FINISHED"].data.tags[RESUMED_FROM] == by_status["KILLED"].info.run_id
