@@ -147,7 +147,7 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
         out["identical"] = False
         out["unreadable_complete"] = out["unreadable_complete"] or "complete" in str(exc)
         out["read_error"] = str(exc).splitlines()[0]
-    out["leftovers"] = sorted(p.name for p in store.parent.iterdir() if p.name.endswith((".partial", ".tmp", ".new")))
+    out["leftovers"] = sorted(p.name for p in store.parent.iterdir() if p.name.endswith((".partial", ".tmp", ".new", ".del")))
     return out
 
 

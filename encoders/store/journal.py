@@ -250,7 +250,14 @@ def _write_record(folder: Path, rec: dict[str, Any]) -> None:
 
 
 def remove(folder: Path) -> None:
-    """Drop a partial store (after its final store is in place, or on refresh)."""
+    """Drop a partial store (after its final store is in place, or on refresh).
+
+    Renamed aside first, in one step, then deleted: a kill during the deletion leaves a
+    ``.partial.del`` folder (removed by the next writer), never a partial store missing its record.
+    """
+    trash = folder.with_name(folder.name + ".del")
+    shutil.rmtree(trash, ignore_errors=True)
     if folder.exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder, trash)
         fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -95,7 +95,8 @@ class StoreWriter:
         final, part = self.path, partial_dir(self.path)
         # Leftovers of a killed run (we hold the lock, so nobody is writing them): an unfinished assembly.
         tmp_path(final).unlink(missing_ok=True)
-        shutil.rmtree(part.with_name(part.name + ".new"), ignore_errors=True)
+        for leftover in (".new", ".del"):  # a partial store half created, or half deleted
+            shutil.rmtree(part.with_name(part.name + leftover), ignore_errors=True)
         if final.exists() and not self.overwrite:
             have = read_final_attrs(final)
             mismatch = identity_mismatch(have, self.attrs)
