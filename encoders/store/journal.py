@@ -2,10 +2,11 @@
 
 Why not append into the HDF5 file, as format 1's writer did: HDF5 is not journaled. A kill -9
 inside a flush tears its metadata (B-trees, the global heap holding variable-length ids) and no
-later open can tell a torn write from a good one; measured, 1 kill in 20 inside a flush left a
-store whose next append failed ("bad heap index") or whose rows went unreadable after it was
-marked complete (issue 19). Raw files and a record that is replaced atomically have no such
-state: the only question after a crash is "how many bytes count", and the record answers it.
+later open can tell a torn write from a good one; measured (issue 19), 28 % of kills aimed inside
+a flush made the next append fail ("bad heap index"), and a retry that "worked" could leave a row
+unreadable in a store then marked complete (1 run in 55 at batch 64). Raw files and a record that
+is replaced atomically have no such state: the only question after a crash is "how many bytes
+count", and the record answers it.
 
 Files::
 
@@ -21,7 +22,9 @@ kill at any instant leaves the old record or the new one, and either only counts
 Bytes past a record's lengths are a batch that never committed: resume truncates them, checks the
 last committed batch against its crc (so a record never vouches for bytes that are not there), and
 appends after it. A record that does not check out is a StoreError telling the user to refresh:
-nothing is ever silently restarted. The running crc is an int, so it continues across resumes and
+nothing is ever silently restarted. Cost: up to five fsyncs a batch, measured 25-30 ms a commit
+on this (shared, virtual) disk at batch 8 or 256 x 512-d, against ~2 s to encode a ViT-B-32 batch
+of 32 on its CPU: about 1.5 %. The running crc is an int, so it continues across resumes and
 the assembler (assemble.py) can check every byte of the files, and of the HDF5 it builds, at the end.
 """
 
