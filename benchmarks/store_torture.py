@@ -9,7 +9,8 @@ torch) on a fresh store and kills it, by one of three timings, chosen in turn:
 * ``commit`` (half the trials): at the k-th "committing" line, printed by the writer inside a
   batch's commit (bytes appended, not yet fsynced, the record not yet replaced), after a random
   0-2 ms delay, so the kill lands in the fsyncs, the record write or the rename;
-* ``random``: after a random delay over the run's expected length (anywhere, assembly included);
+* ``random``: after a random delay over the run's uninterrupted length (anywhere, assembly
+  included; a run that ends first is counted as not killed);
 * ``assembly``: a random 0-300 ms after "assembling" (the final HDF5 being built and verified).
 
 Kills alternate between the worker alone (its assembler child, if any, finishes orphaned and
@@ -112,7 +113,7 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
                 kill(proc, group)
                 break
     else:
-        time.sleep(rng.uniform(0.2, 0.2 + run_s))  # the interpreter's start, then anywhere in the run
+        time.sleep(rng.uniform(0.1, 0.9 * run_s))  # anywhere from the interpreter's start to the assembly
         kill(proc, group)
     rest, _ = proc.communicate()
     for line in rest.splitlines():
@@ -121,7 +122,8 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
             last_batch = int(line.split()[1])
     killed = proc.returncode == -signal.SIGKILL
     in_commit = killed and bool(lines) and lines[-1] == "committing"
-    out = {"mode": mode, "group": group, "killed": killed, "in_commit": in_commit, "last_line": lines[-1] if lines else ""}
+    out = {"mode": mode, "group": group, "killed": killed, "in_commit": in_commit,
+           "last_line": lines[-1] if lines else ""}
     # what the kill left: nothing committed lost; a final store only complete, readable and right.
     # (An orphaned assembler still at work holds the lock: the rerun below waits for it.)
     out["orphan_assembler"] = _orphan_running(store)
@@ -147,7 +149,8 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
         out["identical"] = False
         out["unreadable_complete"] = out["unreadable_complete"] or "complete" in str(exc)
         out["read_error"] = str(exc).splitlines()[0]
-    out["leftovers"] = sorted(p.name for p in store.parent.iterdir() if p.name.endswith((".partial", ".tmp", ".new", ".del")))
+    out["leftovers"] = sorted(p.name for p in store.parent.iterdir()
+                              if p.name.endswith((".partial", ".tmp", ".new", ".del")))
     return out
 
 
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{summary['trials']} kill -9 trials over batch sizes {sizes}: {summary['kills_inside_commit']} kills inside "
           f"a commit, {summary['kills_in_assembly']} inside the final assembly, "
           f"{summary['kills_of_process_group']} of the whole process group")
-    print(f"one plain rerun each: {summary['reruns_ok_first_try']} exited 0, {summary['identical']} stores identical to "
-          f"an uninterrupted run, {summary['unreadable_complete']} unreadable stores marked complete, "
+    print(f"one plain rerun each: {summary['reruns_ok_first_try']} exited 0, {summary['identical']} stores "
+          f"identical to an uninterrupted run, {summary['unreadable_complete']} unreadable stores marked complete, "
           f"{summary['lost_committed_batches']} committed batches lost, {summary['leftover_files']} with leftovers "
           f"({seconds:.0f} s)")
     print(json.dumps(summary))

@@ -69,7 +69,8 @@ class JournalSource(Source):
         self.folder = folder
         self.rec = rec = journal.read_record(folder)
         a = rec["attrs"]
-        super().__init__(attrs={**a, **extra, "n": rec["n"], "n_errors": rec["n_errors"], "rows_done": rec["rows_done"]},
+        counts = {"n": rec["n"], "n_errors": rec["n_errors"], "rows_done": rec["rows_done"]}
+        super().__init__(attrs={**a, **extra, **counts},
                          dim=int(a["dim"]), dtype=np.dtype(a["dtype"]), chunk_rows=int(rec["chunk_rows"]),
                          n=int(rec["n"]), n_errors=int(rec["n_errors"]),
                          expected={k: (v["crc"], v["length"]) for k, v in rec["files"].items()})
@@ -174,7 +175,8 @@ def _read_back(path: Path, src: Source) -> dict[str, Crc]:
     with h5py.File(path, "r") as f:
         n, e = int(f.attrs["n"]), int(f.attrs["n_errors"])
         if (n, e) != (src.n, src.n_errors) or f["ids"].shape[0] != n or f["embeddings"].shape != (n, src.dim):
-            raise ValueError(f"counts differ: n={n}, n_errors={e}, ids {f['ids'].shape}, embeddings {f['embeddings'].shape}")
+            raise ValueError(f"counts differ: n={n}, n_errors={e}, ids {f['ids'].shape}, "
+                             f"embeddings {f['embeddings'].shape}")
         for lo in range(0, n, rows):
             crc[journal.IDS].update(id_lines(f["ids"].asstr()[lo:lo + rows]))
             crc[journal.EMB].update(np.ascontiguousarray(f["embeddings"][lo:lo + rows]).tobytes())

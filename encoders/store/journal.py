@@ -179,7 +179,8 @@ class Journal:
             try:
                 have = (folder / name).stat().st_size
             except OSError as exc:
-                raise StoreError(f"partial store {folder} is damaged ({name}: {exc.strerror}); {REFRESH_HINT}") from None
+                raise StoreError(f"partial store {folder} is damaged ({name}: {exc.strerror}); "
+                                 f"{REFRESH_HINT}") from None
             if have < length:
                 raise StoreError(f"partial store {folder} is damaged: {name} holds {have} bytes, its commit record "
                                  f"{length}; {REFRESH_HINT}")

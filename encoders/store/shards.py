@@ -4,8 +4,9 @@ A shard is rows ``[lo, hi)`` of the manifest. It is extracted by the ordinary ``
 own store (``<store>.shards/shard-<i>-of-<k>.h5``), so each shard streams, resumes after a kill,
 and records its own bad rows exactly like a single-process run. ``merge_shards`` then copies the
 shards' finished stores, in order, into the one store users read, the way every final store is
-written (assemble.py: a ``.tmp`` built in a child process, read back in full, renamed in); its ids, embeddings, errors and attributes are
-those a single-process run over the whole manifest writes (plus ``shards=<k>``).
+written (assemble.py: a ``.tmp`` built in a child process, read back in full, renamed in); its
+ids, embeddings, errors and attributes are those a single-process run over the whole manifest
+writes (plus ``shards=<k>``).
 
 Why this gives the same store as one process:
 
