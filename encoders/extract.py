@@ -1,9 +1,10 @@
-"""Manifest column -> frozen encoder -> HDF5 store, streaming, resumable, with per-item errors.
+"""Manifest column -> frozen encoder -> embedding store, streaming, resumable, with per-item errors.
 
 Decoding happens ahead of the model, in DataLoader worker processes or one helper thread
 (encoders/loader.py), so file I/O and image transforms hide behind the forward pass; on the CPU the batch itself is encoded as
 parallel single-threaded slices (encoders/compute.py). Each batch is committed to the store before
-the next starts: kill -9 loses at most the batch in flight, and a rerun resumes there.
+the next starts: kill -9 loses at most the batch in flight, and a rerun resumes there (the commit
+protocol and why it holds at any instant: encoders/store/journal.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from encoders.frozen import FrozenEncoder
 from encoders.loader import RowBatches, iter_batches, plan_decode_workers
 from encoders.manifest import Manifest
 from encoders.store import StoreWriter
+from encoders.store.lock import DEFAULT_WAIT_S
 
 OnError = Literal["skip", "fail"]
 Progress = Callable[[int, int], None]  # (rows_done, rows_total)
@@ -57,11 +59,13 @@ def store_path(out_dir: str | Path, dataset: str, column: str, encoder_slug: str
 def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str | Path, *,
             on_error: OnError = "skip", store_dtype: str = "float32", batch_size: int | None = None,
             overwrite: bool = False, progress: Progress | None = None,
-            cpu_workers: int | None = None, decode_workers: int | None = None) -> ExtractSummary:
+            cpu_workers: int | None = None, decode_workers: int | None = None,
+            wait: float = DEFAULT_WAIT_S) -> ExtractSummary:
     """``cpu_workers``: slices each batch is split into on the CPU (None = one per torch thread;
     see encoders/compute.py). ``decode_workers``: processes decoding batches ahead of the model
     (None = per device, 0 = one helper thread; see encoders/loader.py). Both change speed, not
-    results beyond float rounding."""
+    results beyond float rounding. ``wait``: seconds to wait for another writer of the same store
+    (or, with ``overwrite``, for readers of the store being replaced) before giving up."""
     kind = encoder.modality
     raw = manifest.values(column, kind)
     ids = manifest.frame["id"].tolist()
@@ -81,7 +85,8 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
     }
     total = len(ids)
     t0 = time.perf_counter()
-    with StoreWriter(store, dim=encoder.dim, attrs=attrs, dtype=store_dtype, overwrite=overwrite) as w:
+    with StoreWriter(store, dim=encoder.dim, attrs=attrs, dtype=store_dtype, overwrite=overwrite,
+                     wait=wait) as w:
         start = w.rows_done
         if w.complete:
             return _summary(w, manifest, column, total, start, time.perf_counter() - t0, 0, reused=True)
@@ -110,9 +115,8 @@ def extract(manifest: Manifest, column: str, encoder: FrozenEncoder, store: str 
 
 def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start: int, seconds: float,
              encoded: int, reused: bool = False, cpu_workers: int = 1, decode_workers: int = 0) -> ExtractSummary:
-    f = w.f
-    e = int(f.attrs["n_errors"])
-    errors = list(zip(f["errors/ids"].asstr()[:e], f["errors/reasons"].asstr()[:e]))
+    errors = w.errors()
+    e = len(errors)
     csv = None
     if errors:
         import pandas as pd
@@ -123,6 +127,6 @@ def _summary(w: StoreWriter, manifest: Manifest, column: str, total: int, start:
         store=str(w.path), dataset=manifest.name, modality=column, column=column, n=w.n, n_errors=e,
         dim=w.dim, dtype=w.dtype.name, rows_total=total, resumed_from=start, seconds=seconds,
         items_per_s=encoded / seconds if seconds > 0 and encoded else 0.0, reused=reused, cpu_workers=cpu_workers,
-        decode_workers=decode_workers, compute_dtype=str(f.attrs.get("compute_dtype", "fp32")),
+        decode_workers=decode_workers, compute_dtype=str(w.store_attrs.get("compute_dtype", "fp32")),
         errors_csv=csv, errors=errors,
     )

@@ -13,7 +13,7 @@ leave the workers as uint8 and are normalised by the consumer (encoders/pixels.p
 The batch stays the unit of commit: the DataLoader yields batches in order and the caller writes
 each before asking for the next, so kill -9 loses at most what is in flight and a rerun resumes
 at the store's ``rows_done``. Workers die with their parent (torch's watchdog), and a forked
-worker drops its copy of the store's lock (encoders/store.py), so a rerun right after a kill is
+worker drops its copy of the store's lock (encoders/store/lock.py), so a rerun right after a kill is
 not refused as "locked". Per-item errors (``BadInput``) travel back inside the batch.
 """
 

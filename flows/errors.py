@@ -16,7 +16,7 @@ import logging
 # By qualified name, so `xmodal search` (which imports neither torch nor mlflow) can use this module too:
 # an exception's class is imported by the time it is raised.
 USER_ERRORS = {"encoders.extract.ExtractionError", "encoders.frozen.BadInput", "encoders.frozen.EncoderUnavailable",
-               "encoders.manifest.ManifestError", "encoders.store.StoreError", "flows.tracking.mlflow_store.StoreCreationError",
+               "encoders.manifest.ManifestError", "encoders.store.format.StoreError", "flows.tracking.mlflow_store.StoreCreationError",
                "flows.tracking.runs.TrackingUnavailable", "projection.align.data.SplitTooSmall", "projection.engine.run_folder.RunFolderBusy",
                "pydantic_core._pydantic_core.ValidationError"}
 # The file system says no, and will say it again: full, read-only, not a folder, not allowed, missing.

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from encoders.extract import extract, store_path
 from encoders.factory import load_encoder
 from encoders.manifest import Manifest
-from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
+from encoders.store.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
 from flows import errors, process_guard

@@ -32,7 +32,9 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            # `from pkg import submodule` needs the submodule; `from pkg import name` needs the package
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            targets = [s for s in subs if s in known] or [node.module]
         found |= {t for t in targets if t in known and t != name}
     return found
 

@@ -95,3 +95,12 @@ def test_defaults_benchmark_runs(tmp_path):
     assert len(rows) == 4 and r["mlp_below_ridge"] == []
     for name, row in rows.items():  # the linear map ends as ridge; the ReLU map is learnt past it
         assert (row["mlp_r1"] > row["ridge_r1"]) if "relu" in name else row["kept_ridge_start"], (name, row)
+
+
+@pytest.mark.timeout(600)
+def test_store_torture_benchmark_runs(tmp_path):
+    r = _run("store_torture.py", "--trials", "12", tmp_path=tmp_path)
+    assert r["trials"] == r["killed"] == 12 and r["by_batch_size"] == {"8": 4, "64": 4, "128": 4}
+    assert r["by_mode"]["commit"] == 6 and r["kills_inside_commit"] >= 3  # half are timed to land in a commit
+    assert r["identical"] == r["reruns_ok_first_try"] == 12
+    assert r["unreadable_complete"] == r["lost_committed_batches"] == r["leftover_files"] == 0

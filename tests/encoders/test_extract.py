@@ -113,12 +113,13 @@ def test_each_bad_input_kind_is_a_named_error_row_or_a_clear_exception(tmp_path,
         Manifest.read(m).require("sound")
 
 
-def test_two_writers_on_one_store_is_a_clear_error(tmp_path):
+def test_a_second_writer_waits_then_gives_up_in_one_clear_line(tmp_path):
     attrs = {"encoder_spec": "x", "weights_digest": "d", "manifest_digest": "m", "normalized": True}
     with StoreWriter(tmp_path / "s.h5", dim=4, attrs=attrs):
-        with pytest.raises(StoreLocked, match="being written by pid"):
-            with StoreWriter(tmp_path / "s.h5", dim=4, attrs=attrs):
+        with pytest.raises(StoreLocked, match=rf"being written by pid {os.getpid()}; gave up after waiting 0.5 s") as err:
+            with StoreWriter(tmp_path / "s.h5", dim=4, attrs=attrs, wait=0.5):
                 pass
+        assert "\n" not in str(err.value)
 
 
 def test_complete_store_for_other_inputs_is_not_overwritten(tmp_path, write_images, image_encoder, text_encoder):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from encoders.shards import merge_shards, shard_dir, shard_ranges
+from encoders.store.shards import merge_shards, shard_dir, shard_ranges
 from encoders.store import IDENTITY_ATTRS, EmbeddingStore, StoreError
 from flows.extract import ExtractParams, extract_embeddings
 from tests_support import TINY_VIT

@@ -1,10 +1,12 @@
-"""Sharded extraction: contiguous manifest row ranges, one HDF5 store per shard, one merged store.
+"""Sharded extraction: contiguous manifest row ranges, one store per shard, one merged store.
 
 A shard is rows ``[lo, hi)`` of the manifest. It is extracted by the ordinary ``extract`` into its
 own store (``<store>.shards/shard-<i>-of-<k>.h5``), so each shard streams, resumes after a kill,
 and records its own bad rows exactly like a single-process run. ``merge_shards`` then copies the
-shards, in order, into the one store users read; its ids, embeddings, errors and attributes are
-those a single-process run over the whole manifest writes (plus ``shards=<k>``).
+shards' finished stores, in order, into the one store users read, the way every final store is
+written (assemble.py: a ``.tmp`` built in a child process, read back in full, renamed in); its
+ids, embeddings, errors and attributes are those a single-process run over the whole manifest
+writes (plus ``shards=<k>``).
 
 Why this gives the same store as one process:
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 
 from encoders.extract import ExtractionError, ExtractSummary, OnError, Progress, extract
 from encoders.frozen import FrozenEncoder
 from encoders.manifest import Manifest
-from encoders.store import IDENTITY_ATTRS, STR, StoreError, _attr, _Lock, _plain
+from encoders.store import assemble
+from encoders.store.format import IDENTITY_ATTRS, StoreError
+from encoders.store.lock import DEFAULT_WAIT_S, StoreLock, wait_for_readers
+from encoders.store.writer import read_final_attrs
 
 # Attributes every shard of one extraction must agree on (the manifest digest differs per shard).
 _SHARED_ATTRS = tuple(k for k in IDENTITY_ATTRS if k != "manifest_digest") + ("encoder_spec", "modality", "dataset")
@@ -137,25 +140,23 @@ def extract_rows(manifest: Manifest, column: str, encoder: FrozenEncoder, store:
         raise ExtractionError(msg) from exc
 
 
-def _read_attrs(f: h5py.File) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in f.attrs.items()}
-
-
-def _read_shards(shard_paths: list[str | Path]) -> list[tuple[Path, dict[str, Any], dict]]:
-    """(path, attrs, chunk shapes) of each shard; StoreError unless all are complete and alike."""
+def _read_shards(shard_paths: list[str | Path]) -> list[tuple[Path, dict[str, Any], int]]:
+    """(path, attrs, chunk rows) of each shard; StoreError unless all are complete and alike."""
     if not shard_paths:
         raise ValueError("merge_shards needs at least one shard")
     infos = []
     for p in shard_paths:
-        try:
-            with h5py.File(p, "r") as f:
-                a = _read_attrs(f)
-                chunks = {k: f[k].chunks for k in ("ids", "embeddings", "errors/ids", "errors/reasons")}
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"shard {p} is not a readable xmodal store: {exc}") from None
+        if not Path(p).is_file():
+            raise StoreError(f"shard {p} is incomplete (no finished store); rerun the extraction to finish it")
+        a = read_final_attrs(Path(p))
         if not a.get("complete"):
             raise StoreError(f"shard {p} is incomplete ({a.get('n')} rows); rerun the extraction to finish it")
-        infos.append((Path(p), a, chunks))
+        try:
+            with h5py.File(p, "r") as f:
+                chunk = (f["embeddings"].chunks or (256,))[0]
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"shard {p} is not a readable xmodal store: {exc}") from None
+        infos.append((Path(p), a, chunk))
     first = infos[0][1]
     for p, a, _ in infos[1:]:
         diff = [k for k in _SHARED_ATTRS if a.get(k) != first.get(k)]
@@ -165,27 +166,8 @@ def _read_shards(shard_paths: list[str | Path]) -> list[tuple[Path, dict[str, An
     return infos
 
 
-def _copy_rows(infos, targets, block_rows: int) -> None:
-    """Shard rows (ids, embeddings, error ids and reasons), in order, into the merged datasets, a block at a time."""
-    ids, emb, err_ids, err_why = targets
-    at, et = 0, 0
-    for p, a, _ in infos:
-        sn, se = int(a["n"]), int(a["n_errors"])
-        with h5py.File(p, "r") as f:
-            for lo in range(0, sn, block_rows):
-                hi = min(lo + block_rows, sn)
-                ids[at + lo:at + hi] = f["ids"].asstr()[lo:hi].astype(object)
-                emb[at + lo:at + hi] = f["embeddings"][lo:hi]
-            for lo in range(0, se, block_rows):
-                hi = min(lo + block_rows, se)
-                err_ids[et + lo:et + hi] = f["errors/ids"].asstr()[lo:hi].astype(object)
-                err_why[et + lo:et + hi] = f["errors/reasons"].asstr()[lo:hi].astype(object)
-        at += sn
-        et += se
-
-
 def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dict[str, Any], *,
-                 block_rows: int | None = None) -> dict[str, Any]:
+                 wait: float = DEFAULT_WAIT_S) -> dict[str, Any]:
     """Copy complete shard stores, in the order given, into one store at ``out_path``; returns its attrs.
 
     A consolidated copy rather than an HDF5 virtual dataset: a VDS keeps pointing at the shard
@@ -197,49 +179,34 @@ def merge_shards(shard_paths: list[str | Path], out_path: str | Path, attrs: dic
     ``attrs``: attributes for the merged store, laid over the shards' common ones; pass at least
     ``manifest_digest`` of the FULL manifest (the shards carry per-shard digests). The counters
     (``n``, ``n_errors``, ``rows_done``) are summed from the shards, ``complete`` is True and
-    ``shards`` is the number of shards. Memory stays at one block of rows (``block_rows``; by
-    default about 32 MiB of embeddings). The file appears atomically (tmp + ``os.replace``) under
-    the store's writer lock, so a reader never sees half a merge and no writer races it.
+    ``shards`` is the number of shards. The copy streams in blocks (memory does not grow with N),
+    is verified by a full read-back and appears by rename, under the store's writer lock
+    (assemble.py), so a reader never sees half a merge and no writer races it.
     """
     out_path = Path(out_path)
     infos = _read_shards(shard_paths)
     first = infos[0][1]
-    dim, dtype = int(first["dim"]), np.dtype(first["dtype"])
-    chunks = infos[0][2]
     n = sum(int(a["n"]) for _, a, _ in infos)
     e = sum(int(a["n_errors"]) for _, a, _ in infos)
     rows_done = sum(int(a["rows_done"]) for _, a, _ in infos)
-    if block_rows is None:
-        per = chunks["embeddings"][0] if chunks["embeddings"] else 256
-        block_rows = max(per, (32 << 20) // max(dim * dtype.itemsize, 1) // per * per)
     merged = {k: v for k, v in first.items() if k not in _COUNTERS}
     merged |= {k: v for k, v in attrs.items()}
-    merged |= {"n": n, "n_errors": e, "rows_done": rows_done, "shards": len(infos), "complete": True,
+    merged |= {"n": n, "n_errors": e, "rows_done": rows_done, "shards": len(infos),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     merged.setdefault("library_versions", json.dumps({}))
+    text = sum(p.stat().st_size for p, _, _ in infos)  # an upper bound on the strings they hold
+    need = assemble.bytes_needed(n, int(first["dim"]), 4, text)
 
-    lock = _Lock(out_path)
-    lock.acquire()
-    tmp = out_path.with_name(out_path.name + ".merge.tmp")
+    lock = StoreLock(out_path)
+    lock.acquire(wait)
     try:
-        with h5py.File(tmp, "w") as g:
-            ids = g.create_dataset("ids", shape=(n,), maxshape=(None,), dtype=STR, chunks=chunks["ids"] or (1024,))
-            emb = g.create_dataset("embeddings", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
-                                   chunks=chunks["embeddings"] or (256, dim))
-            grp = g.create_group("errors")
-            err_ids = grp.create_dataset("ids", shape=(e,), maxshape=(None,), dtype=STR, chunks=chunks["errors/ids"] or (256,))
-            err_why = grp.create_dataset("reasons", shape=(e,), maxshape=(None,), dtype=STR,
-                                         chunks=chunks["errors/reasons"] or (256,))
-            _copy_rows(infos, (ids, emb, err_ids, err_why), block_rows)
-            for k, v in merged.items():
-                g.attrs[k] = _attr(v)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if out_path.exists():
+            wait_for_readers(out_path, wait)
+        assemble.run({"kind": "shards", "shards": [str(p) for p, _, _ in infos], "attrs": merged,
+                      "chunk_rows": infos[0][2]}, out_path, need, lock.fd)
     finally:
         lock.release()
-    return merged
+    return merged | {"complete": True}
 
 
 def remove_shards(store: str | Path) -> None:

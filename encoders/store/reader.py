@@ -1,17 +1,25 @@
 """Reading an embedding store: a read-only view that refuses what is incomplete, and the join of
-two stores by id that stage 1 reads (the writer and the format's attributes are in encoders/store.py)."""
+two stores by id that stage 1 reads.
+
+The finished store (``<store>.h5``) is complete by construction (writer.py). With
+``allow_incomplete=True`` and no finished store yet, the view reads the committed prefix of the
+partial store (``<store>.h5.partial/``, journal.py) straight from its raw files: the rows its
+commit record counts, never the bytes of a batch still being written. Every read is wrapped so a
+damaged file is one ``StoreError`` line naming it and what to do, never a raw h5py traceback.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from encoders.store import IDENTITY_ATTRS, StoreError, _plain
-
+from encoders.store import journal
+from encoders.store.format import IDENTITY_ATTRS, REFRESH_HINT, StoreError, partial_dir, plain
 
 
 class EmbeddingStore:
@@ -19,25 +27,50 @@ class EmbeddingStore:
 
     def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
+        self._partial: Path | None = None  # the partial store read instead of a finished one
+        part = partial_dir(self.path)
+        if not self.path.is_file() and part.is_dir():
+            try:
+                self._rec = journal.read_record(part)
+                self._partial = part
+            except StoreError:
+                if not self.path.is_file():  # not finished a moment ago either: it is damaged
+                    raise
+        if self._partial is not None:
+            self.attrs = journal.store_attrs(self._rec)
+            n_ids = shape0 = int(self._rec["n"])
+            dim = int(self.attrs["dim"])
+        elif self.path.is_file():
+            with self._reading():
+                with h5py.File(self.path, "r") as f:
+                    self.attrs = {k: plain(v) for k, v in f.attrs.items()}
+                    n_ids, (shape0, dim) = f["ids"].shape[0], f["embeddings"].shape
+        else:
             raise StoreError(f"store {self.path} does not exist")
-        try:
-            with h5py.File(self.path, "r") as f:
-                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
-                n_ids, shape = f["ids"].shape[0], f["embeddings"].shape
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"store {self.path} is not a readable xmodal store: {exc}") from None
         if not self.attrs.get("complete") and not allow_incomplete:
             raise StoreError(f"store {self.path} is incomplete ({self.attrs.get('n')} rows so far; "
                              "its extraction did not finish). Rerun the extraction to complete it, "
                              "or pass allow_incomplete=True to read the rows it has.")
         self.n = int(self.attrs.get("n", n_ids))
-        if n_ids < self.n or shape[0] < self.n:
-            raise StoreError(f"store {self.path} is inconsistent: {n_ids} ids, {shape[0]} embedding rows, "
+        if n_ids < self.n or shape0 < self.n:
+            raise StoreError(f"store {self.path} is inconsistent: {n_ids} ids, {shape0} embedding rows, "
                              f"but n={self.n}")
-        self.dim = int(shape[1])
+        self.dim = int(dim)
         self._ids: np.ndarray | None = None
         self._index: dict[str, int] | None = None
+
+    @contextmanager
+    def _reading(self):
+        """Any failure to read is the store's damage, said in one line with the way out."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            where = self._partial or self.path
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StoreError(f"store {where} is damaged or not a readable xmodal store ({first}); "
+                             f"{REFRESH_HINT}") from None
 
     def __len__(self) -> int:
         return self.n
@@ -48,8 +81,14 @@ class EmbeddingStore:
     @property
     def ids(self) -> np.ndarray:
         if self._ids is None:
-            with h5py.File(self.path, "r") as f:
-                self._ids = f["ids"].asstr()[: self.n].astype(object)
+            with self._reading():
+                if self._partial is not None:
+                    ids = journal.read_ids(self._partial, self._rec)
+                    self._ids = np.empty(len(ids), dtype=object)
+                    self._ids[:] = ids
+                else:
+                    with h5py.File(self.path, "r") as f:
+                        self._ids = f["ids"].asstr()[: self.n].astype(object)
         return self._ids
 
     @property
@@ -69,24 +108,29 @@ class EmbeddingStore:
     def errors(self):
         import pandas as pd
 
-        with h5py.File(self.path, "r") as f:
-            e = int(self.attrs.get("n_errors", f["errors/ids"].shape[0]))
-            return pd.DataFrame({"id": f["errors/ids"].asstr()[:e], "reason": f["errors/reasons"].asstr()[:e]})
+        with self._reading():
+            if self._partial is not None:
+                rows = journal.read_errors(self._partial, self._rec)
+                return pd.DataFrame({"id": [a for a, _ in rows], "reason": [b for _, b in rows]})
+            with h5py.File(self.path, "r") as f:
+                e = int(self.attrs.get("n_errors", f["errors/ids"].shape[0]))
+                return pd.DataFrame({"id": f["errors/ids"].asstr()[:e], "reason": f["errors/reasons"].asstr()[:e]})
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Contiguous rows as float32: the fast path (HDF5 reads slices, not index lists, quickly)."""
         stop = min(stop, self.n)
-        with h5py.File(self.path, "r") as f:
-            return f["embeddings"][start:stop].astype(np.float32, copy=False)
+        with self._reading():
+            if self._partial is not None:
+                return journal.read_rows(self._partial, self._rec, start, stop).astype(np.float32)
+            with h5py.File(self.path, "r") as f:
+                return f["embeddings"][start:stop].astype(np.float32, copy=False)  # (stop - start, D)
 
     def iter_chunks(self, rows: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, embeddings) blocks in store order; memory stays at one block."""
         ids = self.ids
-        with h5py.File(self.path, "r") as f:
-            ds = f["embeddings"]
-            for start in range(0, self.n, rows):
-                stop = min(start + rows, self.n)
-                yield ids[start:stop], ds[start:stop].astype(np.float32, copy=False)
+        for start in range(0, self.n, rows):
+            stop = min(start + rows, self.n)
+            yield ids[start:stop], self.read_rows(start, stop)
 
     def embeddings(self) -> np.ndarray:
         return self.read_rows(0, self.n)
@@ -110,14 +154,12 @@ class EmbeddingStore:
         out = np.empty((rows.size, self.dim), np.float32)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        with h5py.File(self.path, "r") as f:
-            ds = f["embeddings"]
-            step = 65536
-            for start in range(lo, hi, step):
-                sel = (sorted_rows >= start) & (sorted_rows < start + step)
-                if sel.any():
-                    block = ds[start:min(start + step, hi)].astype(np.float32, copy=False)
-                    out[order[sel]] = block[sorted_rows[sel] - start]
+        step = 65536
+        for start in range(lo, hi, step):
+            sel = (sorted_rows >= start) & (sorted_rows < start + step)
+            if sel.any():
+                block = self.read_rows(start, min(start + step, hi))
+                out[order[sel]] = block[sorted_rows[sel] - start]
         return out
 
 
