@@ -32,6 +32,7 @@ from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
 from flows.extract import _key
+from flows.progress import reported
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
 from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -219,7 +220,8 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch)
         else:
             fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
-                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt",
+                                callback=reported(on_epoch, f"stage 1 ({pcfg.kind})"))
         model, result = fit.model, fit.train
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,

@@ -83,16 +83,14 @@ def compare(
         None, help="align | pipeline | finetune | extract (default: the experiment's stage, else align)."),
     plot: str = typer.Option("runs/compare.png", help="Where to write the comparison plot."),
 ):
-    """Table of runs' params and final metrics (and a plot), newest first."""
+    """Table of runs' params and final metrics (and a plot), newest first; lines fit 160 columns."""
     from pathlib import Path
 
-    import pandas as pd
-
-    from flows.tracking.compare import compare_runs, comparison_plot
+    from flows.tracking.compare import compare_runs
+    from flows.tracking.compare_view import comparison_plot, format_table
 
     table = compare_runs(experiment, run_id, last, stage)
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
-        typer.echo(table.drop(columns=["started"]).to_string(index=False))
+    typer.echo(format_table(table))
     Path(plot).parent.mkdir(parents=True, exist_ok=True)
     typer.echo(f"plot: {comparison_plot(table, plot)}")
 

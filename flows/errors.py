@@ -17,7 +17,8 @@ import logging
 # an exception's class is imported by the time it is raised.
 USER_ERRORS = {"encoders.extract.ExtractionError", "encoders.frozen.BadInput", "encoders.frozen.EncoderUnavailable",
                "encoders.manifest.ManifestError", "encoders.store.StoreError", "flows.tracking.mlflow_store.StoreCreationError",
-               "flows.tracking.runs.TrackingUnavailable", "projection.align.data.SplitTooSmall",
+               "flows.tracking.runs.TrackingUnavailable",
+               "flows.tracking.compare.UnknownExperiment", "projection.align.data.SplitTooSmall",
                "pydantic_core._pydantic_core.ValidationError"}
 # The file system says no, and will say it again: full, read-only, not a folder, not allowed, missing.
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,

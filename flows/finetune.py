@@ -30,6 +30,7 @@ from encoders.store import EmbeddingStore
 from flows.tracking import reporting
 from flows.tracking import runs
 from flows.extract import _key
+from flows.progress import reported
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
 from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
@@ -173,12 +174,14 @@ def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_d
     cfg, data = params.config, inputs.data
     encoder = load_encoder(params.source_encoder)
     before = frozen_head_baseline(encoder, params.projector_dir, data["train"], data["val"], cfg,
-                                  checkpoint_dir=run_dir / "ckpt-before", callback=_epoch_logger(run, "before"))
+                                  checkpoint_dir=run_dir / "ckpt-before",
+                                  callback=reported(_epoch_logger(run, "before"), "stage 2, head on frozen features"))
     if cfg.unfreeze == "none":
         return before, before, encoder
     encoder_after = load_encoder(params.source_encoder)
     after = finetune_model(encoder_after, params.projector_dir, data["train"], data["val"], cfg,
-                           checkpoint_dir=run_dir / "ckpt-after", callback=_epoch_logger(run, "after"))
+                           checkpoint_dir=run_dir / "ckpt-after",
+                           callback=reported(_epoch_logger(run, "after"), f"stage 2, fine-tuning ({cfg.unfreeze})"))
     return before, after, encoder_after
 
 

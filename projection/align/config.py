@@ -8,12 +8,14 @@ description because Prefect shows it in the run form.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The ONE list of stage-1 loss names: the parameter schema (so Prefect's server refuses a typo at submission),
+# the CLI's help and the loss registry all derive from it.
 LossName = Literal["mse", "cosine", "infonce", "siglip"]
-LOSS_NAMES: tuple[str, ...] = ("mse", "cosine", "infonce", "siglip")
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 
 class _Strict(BaseModel):
@@ -67,7 +69,7 @@ class ProjectorConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    terms: dict[str, float] = Field(
+    terms: dict[LossName, float] = Field(
         # a plain default (pydantic copies it per instance), so the JSON schema and the UI form show it
         default={"mse": 1.0},
         description=f"Loss name -> weight; the total loss is the weighted sum. Names: {', '.join(LOSS_NAMES)}.",
