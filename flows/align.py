@@ -93,10 +93,12 @@ class AlignParams(BaseModel):
     experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
+    run_name: str | None = Field(None, description="MLflow run name (default: dataset, modalities and projector kind).")
 
     def run_key(self, src: EmbeddingStore, tgt: EmbeddingStore) -> str:
         """Same inputs and settings -> same folder, so a killed run resumes from its checkpoint."""
-        cfg = self.model_dump(exclude={"experiment", "tracking_uri", "parent_run_id", "out_dir", "in_memory_max_gb"})
+        cfg = self.model_dump(exclude={"experiment", "tracking_uri", "parent_run_id", "out_dir", "in_memory_max_gb",
+                                       "run_name"})
         cfg |= {"source_digest": src.digest, "target_digest": tgt.digest}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -203,7 +205,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     """The MLflow run: baselines, projector, evaluation, artifacts."""
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
-    run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
+    run_name = params.run_name or f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
     origins_tags = {"source_weights_origin": src.attrs.get("weights_origin", ""),
                     "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     with runs.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
@@ -273,9 +275,7 @@ def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict
                        "in_memory": data["in_memory"], "run_dir": str(run_dir),
                        "label_column": params.label_column, "label_manifest": params.label_manifest})
     for store, ctx in ((src, "source"), (tgt, "target")):
-        ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=str(store.path),
-                                    name=Path(store.path).stem[:60], digest=store.digest)
-        mlflow.log_input(ds, context=ctx)
+        runs.log_store_input(store, ctx)
 
 
 def _evaluate(preds: dict, x_test: np.ndarray, y_test: np.ndarray, data: dict, task: dict):

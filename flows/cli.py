@@ -280,6 +280,27 @@ def contrastive(
 
 
 @app.command()
+def sweep(
+    source_store: str = typer.Argument(..., help="Source-modality store (.h5)."),
+    target_store: str = typer.Argument(..., help="Target-modality store (.h5)."),
+    grid: list[str] = typer.Option(..., "--grid", help="FIELD=[v1,v2,...] over any AlignParams field, e.g. "
+                                   "train.lr=[0.001,0.003] (repeatable; every combination is one run)."),
+    metric: str = typer.Option("test_p2t_r1", help="MLflow metric that picks the best run."),
+    lower_is_better: bool = typer.Option(False, "--lower-is-better", help="The metric is a loss or an error."),
+    register: Optional[str] = typer.Option(None, "--register", help="Register the best projector under this name."),
+    alias: str = typer.Option("champion", help="Alias the best run's version gets."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Base AlignParams field, e.g. train.epochs=5 (repeatable)."),
+    out_dir: str = typer.Option("runs/align", help="Where projectors go."),
+):
+    """A grid over stage-1 settings: each an align run under one MLflow parent run; promotes the best."""
+    from flows.sweep import sweep_command
+
+    sweep_command(source_store, target_store, grid, metric, not lower_is_better, register, alias,
+                  apply_sets({"source_store": source_store, "target_store": target_store, "out_dir": out_dir}, set_ or []),
+                  echo=typer.echo)
+
+
+@app.command()
 def demo():
     """Run the whole pipeline on the bundled sample data with embedded defaults."""
     from flows.demo import run_demo

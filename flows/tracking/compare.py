@@ -15,7 +15,7 @@ import pandas as pd
 
 import mlflow
 
-from flows.tracking import runs
+from flows.tracking import runs as tracking
 
 STAGES = ("align", "pipeline", "finetune", "extract", "evaluate", "contrastive")
 _HEAD = r"(mse|cosine|p2t_r1|p2t_mrr|t2p_r1|zeroshot_acc)"
@@ -46,7 +46,7 @@ def compare_runs(experiment: str | None = None, run_ids: list[str] | None = None
     the experiment holds pipeline runs, else align. Runs of
     a stage are found wherever they were logged: ``xmodal-align-digits`` also finds the align runs nested under
     pipelines in ``xmodal-pipeline-digits``."""
-    runs.tracking_uri(tracking_uri)
+    tracking.tracking_uri(tracking_uri)
     named = re.fullmatch(rf"xmodal-({'|'.join(STAGES)})-(.+)", experiment or "")
     stage = stage or (named.group(1) if named else _top_stage(experiment))
     filters = [f"tags.`xmodal.stage` = '{stage}'"]
@@ -64,20 +64,20 @@ def compare_runs(experiment: str | None = None, run_ids: list[str] | None = None
         exps = [e.experiment_id for e in mlflow.search_experiments()]
     if run_ids:
         filters.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
-    runs = mlflow.search_runs(experiment_ids=exps, filter_string=" and ".join(filters),
-                              order_by=["attributes.start_time DESC"], max_results=len(run_ids) if run_ids else last)
-    if runs.empty:
+    found = mlflow.search_runs(experiment_ids=exps, filter_string=" and ".join(filters),
+                               order_by=["attributes.start_time DESC"], max_results=len(run_ids) if run_ids else last)
+    if found.empty:
         raise UnknownExperiment(f"no {stage} runs found in {experiment or 'any experiment'}")
-    runs = _blank_mlp_only(runs)
-    shown = sorted(params or _differing(runs))
-    table = pd.DataFrame({"run_id": runs["run_id"], "run": runs.get("tags.mlflow.runName"),
-                          "label": _labels(runs, shown), "started": runs["start_time"]})
+    found = _blank_mlp_only(found)
+    shown = sorted(params or _differing(found))
+    table = pd.DataFrame({"run_id": found["run_id"], "run": found.get("tags.mlflow.runName"),
+                          "label": _labels(found, shown), "started": found["start_time"]})
     for p in shown:
-        if f"params.{p}" in runs:
-            table[p] = runs[f"params.{p}"]
-    for m in metrics or _stage_metrics(runs, stage):
-        if f"metrics.{m}" in runs:
-            table[m] = runs[f"metrics.{m}"]
+        if f"params.{p}" in found:
+            table[p] = found[f"params.{p}"]
+    for m in metrics or _stage_metrics(found, stage):
+        if f"metrics.{m}" in found:
+            table[m] = found[f"metrics.{m}"]
     return table.reset_index(drop=True)
 
 
