@@ -32,7 +32,9 @@ from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
 from flows.extract import _key
+from flows.inputs import check_paths
 from flows.progress import reported
+from flows import run_names
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
 from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -134,9 +136,11 @@ def check_inputs(params: AlignParams) -> tuple:
     return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
-@flow(name="align", log_prints=True)
+@flow(name="align", log_prints=True, flow_run_name=run_names.align_name)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
+    check_paths(source_store=params.source_store, target_store=params.target_store, class_store=params.class_store,
+                label_manifest=params.label_manifest, **{"split.file": params.split.file})
     runs.tracking_uri(params.tracking_uri)
     src, tgt, pairs, pcfg, ids, split, task = check_inputs(params)
     if pairs.dropped_source or pairs.dropped_target:

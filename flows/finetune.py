@@ -31,6 +31,8 @@ from flows.tracking import reporting
 from flows.tracking import runs
 from flows.extract import _key
 from flows.progress import reported
+from flows import run_names
+from flows.inputs import check_paths
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
 from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
@@ -226,9 +228,11 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
                           out.before["metric"], out.after["metric"], out.run_id)
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, flow_run_name=run_names.finetune_name)
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
+    check_paths(projector_dir=params.projector_dir, manifest=params.manifest, split_csv=params.split_csv,
+                target_store=params.target_store)
     cfg = params.config
     runs.tracking_uri(params.tracking_uri)
     inputs = read_task_data(params)
