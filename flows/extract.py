@@ -22,6 +22,7 @@ from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ra
                              static_error_check)
 from encoders.spec import EncoderSpec
 from flows import run_names
+from flows.progress import interval_s, items_line
 from flows.inputs import check_paths
 from flows import errors, process_guard
 
@@ -143,10 +144,15 @@ def extract_store(params: ExtractParams) -> dict:
     artifact = create_progress_artifact(0.0, key=_key("extract", manifest.name, params.column),
                                         description=f"Embedding {manifest.name}/{params.column}")
     bar = tqdm(total=len(manifest), desc=f"{manifest.name}/{params.column}", unit="item", leave=False)
-    last = {"t": time.monotonic()}
+    last = {"t": time.monotonic(), "logged": time.monotonic(), "t0": time.monotonic()}
+    every = interval_s()
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
+        if time.monotonic() - last["logged"] >= every and done < total:  # the run log, at least once a minute
+            logger.info(items_line(f"extract {manifest.name}/{params.column}", done, total,
+                                   time.monotonic() - last["t0"]))
+            last["logged"] = time.monotonic()
         # Each update is an API call the server also works on: on two cores, at most one per 5 s.
         if time.monotonic() - last["t"] >= 5.0 and done < total:
             update_progress_artifact(artifact, 100.0 * done / max(total, 1))

@@ -14,6 +14,21 @@ from typing import Callable
 Callback = Callable[[str, int, dict[str, float]], None]
 
 
+def interval_s() -> float:
+    """Seconds between progress lines: $XMODAL_PROGRESS_S, default 60 (the loop's LoopConfig.progress_s too)."""
+    import os
+
+    return float(os.environ.get("XMODAL_PROGRESS_S", "60"))
+
+
+def items_line(label: str, done: int, total: int, elapsed: float) -> str:
+    """'extract fashion/image: 1,200/6,000 items, 40.0 items/s, 30s elapsed, ETA 2m00s' (extraction's progress)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else math.nan
+    return (f"{label}: {done:,}/{total:,} items, {rate:.1f} items/s, {_duration(elapsed)} elapsed, "
+            f"ETA {_duration(eta)}")
+
+
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -91,3 +91,14 @@ def test_a_typed_pipeline_run_name_is_kept_in_prefect_and_mlflow(prefect_server,
     names = {r.name for r in children if r.parent_task_run_id is not None}
     assert "extract manifest_60/image (xmodal-tiny-rn.json)" in names
     assert "align manifest_60: image -> caption, linear" in names
+
+
+def test_progress_lines_read_as_a_person_would_say_them():
+    from flows.progress import items_line, progress_line
+
+    line = progress_line("stage 2, fine-tuning (last_n)", {"epoch": 1.0, "epochs": 5.0, "batch": 40.0, "batches": 120.0,
+                                                          "running_loss": 0.43121, "elapsed_s": 190.0, "eta_s": 725.0})
+    assert line == ("stage 2, fine-tuning (last_n): epoch 2/5, batch 40/120, running loss 0.4312, 3m10s elapsed, "
+                    "ETA 12m05s")
+    assert items_line("extract fashion/image", 1200, 6000, 30.0) == \
+        "extract fashion/image: 1,200/6,000 items, 40.0 items/s, 0m30s elapsed, ETA 2m00s"
