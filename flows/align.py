@@ -32,9 +32,9 @@ from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
 from flows.extract import _key
-from flows.inputs import check_paths
-from flows.progress import reported
-from flows import run_names
+from flows.errors import check_paths
+from flows.tracking import runlog
+from flows.tracking.runlog import reported
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
 from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -136,7 +136,7 @@ def check_inputs(params: AlignParams) -> tuple:
     return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
-@flow(name="align", log_prints=True, flow_run_name=run_names.align_name)
+@flow(name="align", log_prints=True, flow_run_name=runlog.align_name)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
     check_paths(source_store=params.source_store, target_store=params.target_store, class_store=params.class_store,

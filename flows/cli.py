@@ -293,7 +293,7 @@ def sweep(
     out_dir: str = typer.Option("runs/align", help="Where projectors go."),
 ):
     """A grid over stage-1 settings: each an align run under one MLflow parent run; promotes the best."""
-    from flows.sweep import sweep_command
+    from flows.tracking.sweep import sweep_command
 
     sweep_command(source_store, target_store, grid, metric, not lower_is_better, register, alias,
                   apply_sets({"source_store": source_store, "target_store": target_store, "out_dir": out_dir}, set_ or []),

@@ -29,7 +29,7 @@ from encoders.frozen import BadInput
 from encoders.images import load_rgb
 from encoders.manifest import Manifest, ManifestError
 from flows.tracking import reporting
-from flows.progress import reported
+from flows.tracking.runlog import reported
 from flows.tracking import runs
 from flows.extract import _key
 from projection.align.config import SplitConfig

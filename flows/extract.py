@@ -21,9 +21,9 @@ from encoders.manifest import Manifest
 from encoders.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
-from flows import run_names
-from flows.progress import interval_s, items_line
-from flows.inputs import check_paths
+from flows.tracking import runlog
+from flows.tracking.runlog import interval_s, items_line
+from flows.errors import check_paths
 from flows import errors, process_guard
 
 
@@ -307,7 +307,7 @@ def _extract_once(params: ExtractParams) -> dict:
     return s | {"task_seconds": time.perf_counter() - t0}  # what the extraction step cost this run
 
 
-@flow(name="extract_embeddings", log_prints=True, flow_run_name=run_names.extract_name)
+@flow(name="extract_embeddings", log_prints=True, flow_run_name=runlog.extract_name)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
     check_paths(manifest=params.manifest)

@@ -30,9 +30,9 @@ from encoders.store import EmbeddingStore
 from flows.tracking import reporting
 from flows.tracking import runs
 from flows.extract import _key
-from flows.progress import reported
-from flows import run_names
-from flows.inputs import check_paths
+from flows.errors import check_paths
+from flows.tracking import runlog
+from flows.tracking.runlog import reported
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
 from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
@@ -228,7 +228,7 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
                           out.before["metric"], out.after["metric"], out.run_id)
 
 
-@flow(name="finetune", log_prints=True, flow_run_name=run_names.finetune_name)
+@flow(name="finetune", log_prints=True, flow_run_name=runlog.finetune_name)
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
     check_paths(projector_dir=params.projector_dir, manifest=params.manifest, split_csv=params.split_csv,

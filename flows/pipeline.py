@@ -17,8 +17,8 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows import run_names
-from flows.inputs import check_paths
+from flows.tracking import runlog
+from flows.errors import check_paths
 from flows.tracking import reporting
 from flows.tracking import runs
 from flows.align import AlignParams, ProjectorParams, align
@@ -194,7 +194,7 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
     return "".join(md)
 
 
-@flow(name="evaluate", log_prints=True, flow_run_name=run_names.evaluate_name)
+@flow(name="evaluate", log_prints=True, flow_run_name=runlog.evaluate_name)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
     dataset = extracts[0]["dataset"] if extracts else "data"

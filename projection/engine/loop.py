@@ -308,6 +308,8 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
         metrics = {"epoch": float(epoch), "train_loss": float(total) / max(n, 1)} | _lr_metrics(opt, sched, len(sets))
         trainer.train_mode(False)
         metrics |= trainer.validate()
+        if callback is not None and clock.due():  # a long validation pass counts against the interval too
+            callback("progress", state.step, clock.metrics(epoch, n, metrics["train_loss"]))
         _judge(state, epoch, metrics, cfg, parts)
         metrics |= trainer.epoch_metrics()
         # Counters move before the save, so a checkpoint says which epoch comes next; the callback runs

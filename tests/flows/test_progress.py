@@ -33,10 +33,13 @@ def test_a_slowed_stage2_logs_progress_at_least_once_per_interval(prefect_server
                                                                   tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_PROGRESS_S", str(INTERVAL_S))
     real_step = loop.optimizer_step
+    done_at = []  # when each optimizer step finished: the loop can only report between steps
 
     def slow_step(*args, **kwargs):  # a step as slow as a big encoder's, relative to the interval
         time.sleep(0.25)
-        return real_step(*args, **kwargs)
+        out = real_step(*args, **kwargs)
+        done_at.append(time.time())
+        return out
 
     monkeypatch.setattr(loop, "optimizer_step", slow_step)
     manifest = sample_data["digits"].parent / "digits_80.csv"  # beside the images its paths name
@@ -60,7 +63,12 @@ def test_a_slowed_stage2_logs_progress_at_least_once_per_interval(prefect_server
     tuned = [t for t, m in progress if m.startswith("stage 2, fine-tuning")]
     assert (tuned[-1] - tuned[0]).total_seconds() > 5 * INTERVAL_S  # a run many intervals long ...
     gaps = [(b - a).total_seconds() for a, b in zip(tuned, tuned[1:])]
-    assert max(gaps) <= INTERVAL_S + 0.75, gaps  # ... never silent for longer than an interval (+ one slow step)
+    # ... never silent for longer than an interval plus the longest piece of work it cannot interrupt (a step,
+    # or an epoch's validation and checkpoint on this shared machine); at the default 60 s and steps of
+    # seconds, that is "at least once a minute"
+    inside = [t for t in done_at if tuned[0].timestamp() <= t <= tuned[-1].timestamp()]  # the fine-tuning's steps
+    stall = max(b - a for a, b in zip(inside, inside[1:]))
+    assert max(gaps) <= INTERVAL_S + stall + 0.5, (gaps, stall)
     assert len(tuned) >= 5
 
 
@@ -94,7 +102,7 @@ def test_a_typed_pipeline_run_name_is_kept_in_prefect_and_mlflow(prefect_server,
 
 
 def test_progress_lines_read_as_a_person_would_say_them():
-    from flows.progress import items_line, progress_line
+    from flows.tracking.runlog import items_line, progress_line
 
     line = progress_line("stage 2, fine-tuning (last_n)", {"epoch": 1.0, "epochs": 5.0, "batch": 40.0, "batches": 120.0,
                                                           "running_loss": 0.43121, "elapsed_s": 190.0, "eta_s": 725.0})

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from flows.align import AlignParams
 from flows.cli import app
-from flows.sweep import SweepParams, settings, sweep
+from flows.tracking.sweep import SweepParams, settings, sweep
 from tests_support import make_store
 
 
