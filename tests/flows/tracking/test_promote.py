@@ -161,7 +161,9 @@ def test_mlflow_models_serve_answers_a_wrong_modality_with_400_and_one_line(prom
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
+    # as the README runs it: the venv's bin first on PATH (MLflow execs `uvicorn` by name)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri,
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/digits-promote-test@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env,
