@@ -7,6 +7,7 @@ Each stage is its own flow and its own nested MLflow run, logging exactly as it 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -111,7 +112,12 @@ def _flow_run_name() -> str:
 
     params = flow_run.parameters.get("params", PipelineParams())
     params = params if isinstance(params, PipelineParams) else PipelineParams.model_validate(params)
-    return params.run_name or run_label(params)
+    if params.run_name:
+        return params.run_name
+    # A name typed in the Prefect UI's Custom run form is the run's name before this renames it; Prefect's own
+    # names are two-word slugs ("gleeful-squid"). Keep the typed one.
+    current = flow_run.name or ""
+    return current if current and not re.fullmatch(r"[a-z]+-[a-z]+", current) else run_label(params)
 
 
 def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict | None]:

@@ -110,3 +110,18 @@ def test_progress_lines_read_as_a_person_would_say_them():
                     "ETA 12m05s")
     assert items_line("extract fashion/image", 1200, 6000, 30.0) == \
         "extract fashion/image: 1,200/6,000 items, 40.0 items/s, 0m30s elapsed, ETA 2m00s"
+
+
+def test_a_name_typed_in_the_run_form_is_kept_and_a_generated_one_replaced(monkeypatch):
+    """The UI's Custom run form names the flow run before the flow's own ``flow_run_name`` runs."""
+    from prefect.runtime import flow_run
+
+    from flows.pipeline import PipelineParams, _flow_run_name
+
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"params": PipelineParams()})
+    monkeypatch.setitem(flow_run.FIELDS, "name", lambda: "nightly check, lite0")
+    assert _flow_run_name() == "nightly check, lite0"
+    monkeypatch.setitem(flow_run.FIELDS, "name", lambda: "gleeful-squid")  # Prefect's own: replaced
+    assert _flow_run_name() == "fashion: image -> caption, mlp"
+    monkeypatch.setitem(flow_run.FIELDS, "parameters", lambda: {"params": {"run_name": "from the config"}})
+    assert _flow_run_name() == "from the config"
