@@ -17,11 +17,12 @@ from tests_support import make_store
 from flows.align import AlignParams, align
 from flows.tracking.promote import promote
 
-d = sys.argv[1]
+from pathlib import Path
+d = Path(sys.argv[1])
 rng = np.random.default_rng(0)
 x = rng.normal(size=(120, 8)).astype(np.float32)
 ids = [f"q{i}" for i in range(120)]
-src, tgt = make_store(f"{d}/src.h5", ids, x), make_store(f"{d}/tgt.h5", ids, np.tanh(x[:, :6]))
+src, tgt = make_store(d / "src.h5", ids, x), make_store(d / "tgt.h5", ids, np.tanh(x[:, :6]))
 out = align(AlignParams(source_store=src, target_store=tgt, train={"epochs": 1}, out_dir=f"{d}/align",
                         experiment="xmodal-quiet-test"))
 print("PROMOTED", promote(out["run_id"], "quiet-test")["uri"])
