@@ -29,7 +29,8 @@ print("PROMOTED", promote(out["run_id"], "quiet-test")["uri"])
 '''
 
 NOISE = ("Add type hints", "interpreted in multiple ways", "Failed to resolve installed pip version", "uv_utils",
-         "Detected uv project", "no artifacts at artifact path", "An input example was not provided", "not writable")
+         "Detected uv project", "no artifacts at artifact path", "An input example was not provided", "not writable",
+         "Operation with range is deprecated")
 
 
 def test_align_and_promote_print_none_of_the_counted_warnings(tmp_path):
