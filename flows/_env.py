@@ -28,4 +28,7 @@ def apply_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # xmodal passes each logged model's pip requirements (flows/tracking/served.py); MLflow's uv detection would
+    # also copy the whole project's uv.lock into every model and print four uv_utils lines per model.
+    os.environ.setdefault("MLFLOW_UV_AUTO_DETECT", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -32,6 +32,9 @@ from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
 from flows.extract import _key
+from flows.errors import check_paths
+from flows.tracking import runlog
+from flows.tracking.runlog import reported
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
 from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
@@ -91,10 +94,12 @@ class AlignParams(BaseModel):
     experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
     parent_run_id: str | None = Field(None, description="Nest this run under an MLflow parent run.")
+    run_name: str | None = Field(None, description="MLflow run name (default: dataset, modalities and projector kind).")
 
     def run_key(self, src: EmbeddingStore, tgt: EmbeddingStore) -> str:
         """Same inputs and settings -> same folder, so a killed run resumes from its checkpoint."""
-        cfg = self.model_dump(exclude={"experiment", "tracking_uri", "parent_run_id", "out_dir", "in_memory_max_gb"})
+        cfg = self.model_dump(exclude={"experiment", "tracking_uri", "parent_run_id", "out_dir", "in_memory_max_gb",
+                                       "run_name"})
         cfg |= {"source_digest": src.digest, "target_digest": tgt.digest}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -130,9 +135,11 @@ def check_inputs(params: AlignParams) -> tuple:
     return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
-@flow(name="align", log_prints=True)
+@flow(name="align", log_prints=True, flow_run_name=runlog.align_name)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
+    check_paths(source_store=params.source_store, target_store=params.target_store, class_store=params.class_store,
+                label_manifest=params.label_manifest, **{"split.file": params.split.file})
     runs.tracking_uri(params.tracking_uri)
     src, tgt, pairs, pcfg, ids, split, task = check_inputs(params)
     if pairs.dropped_source or pairs.dropped_target:
@@ -202,7 +209,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
     """The MLflow run: baselines, projector, evaluation, artifacts."""
     save_split(ids, split, run_dir / "split.csv")
     dataset = src.attrs.get("dataset", "data")
-    run_name = f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
+    run_name = params.run_name or f"align {dataset}: {src.attrs.get('modality')} -> {tgt.attrs.get('modality')} ({pcfg.kind})"
     origins_tags = {"source_weights_origin": src.attrs.get("weights_origin", ""),
                     "target_weights_origin": tgt.attrs.get("weights_origin", "")}
     with runs.stage_run("align", dataset, run_name, experiment=params.experiment, parent_run_id=params.parent_run_id,
@@ -219,7 +226,8 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch)
         else:
             fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
-                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+                                ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt",
+                                callback=reported(on_epoch, f"stage 1 ({pcfg.kind})"))
         model, result = fit.model, fit.train
         save_projector(model, run_dir / "projector")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -271,9 +279,7 @@ def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict
                        "in_memory": data["in_memory"], "run_dir": str(run_dir),
                        "label_column": params.label_column, "label_manifest": params.label_manifest})
     for store, ctx in ((src, "source"), (tgt, "target")):
-        ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=str(store.path),
-                                    name=Path(store.path).stem[:60], digest=store.digest)
-        mlflow.log_input(ds, context=ctx)
+        runs.log_store_input(store, ctx)
 
 
 def _evaluate(preds: dict, x_test: np.ndarray, y_test: np.ndarray, data: dict, task: dict):

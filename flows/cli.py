@@ -182,16 +182,14 @@ def compare(
         None, help="align | pipeline | finetune | extract (default: the experiment's stage, else align)."),
     plot: str = typer.Option("runs/compare.png", help="Where to write the comparison plot."),
 ):
-    """Table of runs' params and final metrics (and a plot), newest first."""
+    """Table of runs' params and final metrics (and a plot), newest first; lines fit 160 columns."""
     from pathlib import Path
 
-    import pandas as pd
-
-    from flows.tracking.compare import compare_runs, comparison_plot
+    from flows.tracking.compare import compare_runs
+    from flows.tracking.compare_view import comparison_plot, format_table
 
     table = compare_runs(experiment, run_id, last, stage)
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.float_format", "{:.4f}".format):
-        typer.echo(table.drop(columns=["started"]).to_string(index=False))
+    typer.echo(format_table(table))
     Path(plot).parent.mkdir(parents=True, exist_ok=True)
     typer.echo(f"plot: {comparison_plot(table, plot)}")
 
@@ -234,6 +232,27 @@ def search(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(results.table())
+
+
+@app.command()
+def sweep(
+    source_store: str = typer.Argument(..., help="Source-modality store (.h5)."),
+    target_store: str = typer.Argument(..., help="Target-modality store (.h5)."),
+    grid: list[str] = typer.Option(..., "--grid", help="FIELD=[v1,v2,...] over any AlignParams field, e.g. "
+                                   "train.lr=[0.001,0.003] (repeatable; every combination is one run)."),
+    metric: str = typer.Option("test_p2t_r1", help="MLflow metric that picks the best run."),
+    lower_is_better: bool = typer.Option(False, "--lower-is-better", help="The metric is a loss or an error."),
+    register: Optional[str] = typer.Option(None, "--register", help="Register the best projector under this name."),
+    alias: str = typer.Option("champion", help="Alias the best run's version gets."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Base AlignParams field, e.g. train.epochs=5 (repeatable)."),
+    out_dir: str = typer.Option("runs/align", help="Where projectors go."),
+):
+    """A grid over stage-1 settings: each an align run under one MLflow parent run; promotes the best."""
+    from flows.tracking.sweep import sweep_command
+
+    sweep_command(source_store, target_store, grid, metric, not lower_is_better, register, alias,
+                  apply_sets({"source_store": source_store, "target_store": target_store, "out_dir": out_dir}, set_ or []),
+                  echo=typer.echo)
 
 
 @app.command()

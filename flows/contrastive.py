@@ -29,6 +29,7 @@ from encoders.frozen import BadInput
 from encoders.images import load_rgb
 from encoders.manifest import Manifest, ManifestError
 from flows.tracking import reporting
+from flows.tracking.runlog import reported
 from flows.tracking import runs
 from flows.extract import _key
 from projection.align.config import SplitConfig
@@ -141,7 +142,7 @@ def train_towers(pairs: PairData, cfg: ContrastiveConfig, run_dir: Path, run: ru
             run.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and v == v}, step=int(metrics["epoch"]))
 
     return train_contrastive(pairs.xa[tr], pairs.xb[tr], cfg, pairs.xa[va], pairs.xb[va],
-                             checkpoint_dir=run_dir / "ckpt", callback=on_epoch)
+                             checkpoint_dir=run_dir / "ckpt", callback=reported(on_epoch, "contrastive towers"))
 
 
 @task(name="evaluate-towers", cache_policy=NO_CACHE)

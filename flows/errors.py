@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 
 # By qualified name, so `xmodal search` (which imports neither torch nor mlflow) can use this module too:
 # an exception's class is imported by the time it is raised.
 USER_ERRORS = {"encoders.extract.ExtractionError", "encoders.frozen.BadInput", "encoders.frozen.EncoderUnavailable",
                "encoders.manifest.ManifestError", "encoders.store.format.StoreError", "flows.tracking.mlflow_store.StoreCreationError",
-               "flows.tracking.runs.TrackingUnavailable", "projection.align.data.SplitTooSmall", "projection.engine.run_folder.RunFolderBusy",
+               "flows.tracking.runs.TrackingUnavailable", "flows.tracking.compare.UnknownExperiment",
+               "projection.align.data.SplitTooSmall", "projection.engine.run_folder.RunFolderBusy",
                "pydantic_core._pydantic_core.ValidationError"}
 # The file system says no, and will say it again: full, read-only, not a folder, not allowed, missing.
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
@@ -61,3 +63,15 @@ def quiet_expected_tracebacks() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropExpectedTraceback) for f in logger.filters):
             logger.addFilter(_DropExpectedTraceback())
+
+
+def check_paths(**named: str | None) -> None:
+    """Each given path must exist; the first that does not is named with its field (None: not given, skipped).
+
+    Called on a flow's first line: a worker that cannot see a path fails the same way on every try, and measured
+    before, a missing manifest failed 13-25 s into the run inside a traceback. The FileNotFoundError (ENOENT) is
+    the user's to fix above: one line in the CLI, no retry, no traceback in the run log."""
+    for field, path in named.items():
+        if path and not Path(path).exists():
+            # str(exc): "[Errno 2] manifest does not exist (working folder /srv/xmodal): 'data/m.csv'"
+            raise FileNotFoundError(errno.ENOENT, f"{field} does not exist (working folder {Path.cwd()})", path)

@@ -21,6 +21,9 @@ from encoders.manifest import Manifest
 from encoders.store.shards import (extract_rows, merge_shards, remove_shards, shard_ranges, shard_store_path,
                              static_error_check)
 from encoders.spec import EncoderSpec
+from flows.tracking import runlog
+from flows.tracking.runlog import interval_s, items_line
+from flows.errors import check_paths
 from flows import errors, process_guard
 
 
@@ -141,10 +144,15 @@ def extract_store(params: ExtractParams) -> dict:
     artifact = create_progress_artifact(0.0, key=_key("extract", manifest.name, params.column),
                                         description=f"Embedding {manifest.name}/{params.column}")
     bar = tqdm(total=len(manifest), desc=f"{manifest.name}/{params.column}", unit="item", leave=False)
-    last = {"t": time.monotonic()}
+    last = {"t": time.monotonic(), "logged": time.monotonic(), "t0": time.monotonic()}
+    every = interval_s()
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
+        if time.monotonic() - last["logged"] >= every and done < total:  # the run log, at least once a minute
+            logger.info(items_line(f"extract {manifest.name}/{params.column}", done, total,
+                                   time.monotonic() - last["t0"]))
+            last["logged"] = time.monotonic()
         # Each update is an API call the server also works on: on two cores, at most one per 5 s.
         if time.monotonic() - last["t"] >= 5.0 and done < total:
             update_progress_artifact(artifact, 100.0 * done / max(total, 1))
@@ -299,9 +307,10 @@ def _extract_once(params: ExtractParams) -> dict:
     return s | {"task_seconds": time.perf_counter() - t0}  # what the extraction step cost this run
 
 
-@flow(name="extract_embeddings", log_prints=True)
+@flow(name="extract_embeddings", log_prints=True, flow_run_name=runlog.extract_name)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
+    check_paths(manifest=params.manifest)
     runs.tracking_uri(params.tracking_uri)
     dataset = Manifest.read(params.manifest).name
     spec = EncoderSpec.parse(params.encoder)  # the store this run writes is the work a killed run left undone
@@ -325,10 +334,12 @@ def extract_embeddings(params: ExtractParams) -> dict:
         run.log_json(summary, "store_summary.json")
         if s["errors_csv"]:
             run.log_file(s["errors_csv"])
+    # a store reused as it was (Prefect's cache, or complete on disk) was not encoded now: no rate to show
+    rate = "served from cache" if s["reused"] else f"{s['items_per_s']:.0f} items/s"
     md = (f"### Extracted {dataset}/{params.column}\n\n| store | N | dim | errors | items/s | weights | MLflow run |\n"
           f"|---|---|---|---|---|---|---|\n| `{Path(s['store']).name}` | {s['n']} | {s['dim']} | {s['n_errors']} | "
-          f"{s['items_per_s']:.1f} | {s['weights_origin']} | `{run_id}` |\n")
+          f"{rate} | {s['weights_origin']} | `{run_id}` |\n")
     create_markdown_artifact(md, key=_key("extract-summary", dataset, params.column))
     print(f"{dataset}/{params.column}: {s['n']} x {s['dim']} ({s['n_errors']} errors, "
-          f"{s['items_per_s']:.0f} items/s, {s['weights_origin']}) -> {s['store']}  [mlflow run {run_id}]")
+          f"{rate}, {s['weights_origin']}) -> {s['store']}  [mlflow run {run_id}]")
     return summary | {"run_id": run_id}

@@ -30,6 +30,9 @@ from encoders.store import EmbeddingStore
 from flows.tracking import reporting
 from flows.tracking import runs
 from flows.extract import _key
+from flows.errors import check_paths
+from flows.tracking import runlog
+from flows.tracking.runlog import reported
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
 from projection.engine.run_folder import hold_run_folder
@@ -174,12 +177,14 @@ def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_d
     cfg, data = params.config, inputs.data
     encoder = load_encoder(params.source_encoder)
     before = frozen_head_baseline(encoder, params.projector_dir, data["train"], data["val"], cfg,
-                                  checkpoint_dir=run_dir / "ckpt-before", callback=_epoch_logger(run, "before"))
+                                  checkpoint_dir=run_dir / "ckpt-before",
+                                  callback=reported(_epoch_logger(run, "before"), "stage 2, head on frozen features"))
     if cfg.unfreeze == "none":
         return before, before, encoder
     encoder_after = load_encoder(params.source_encoder)
     after = finetune_model(encoder_after, params.projector_dir, data["train"], data["val"], cfg,
-                           checkpoint_dir=run_dir / "ckpt-after", callback=_epoch_logger(run, "after"))
+                           checkpoint_dir=run_dir / "ckpt-after",
+                           callback=reported(_epoch_logger(run, "after"), f"stage 2, fine-tuning ({cfg.unfreeze})"))
     return before, after, encoder_after
 
 
@@ -224,9 +229,11 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
                           out.before["metric"], out.after["metric"], out.run_id)
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, flow_run_name=runlog.finetune_name)
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
+    check_paths(projector_dir=params.projector_dir, manifest=params.manifest, split_csv=params.split_csv,
+                target_store=params.target_store)
     cfg = params.config
     runs.tracking_uri(params.tracking_uri)
     inputs = read_task_data(params)

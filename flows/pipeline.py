@@ -7,6 +7,7 @@ Each stage is its own flow and its own nested MLflow run, logging exactly as it 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.tracking import runlog
+from flows.errors import check_paths
 from flows.tracking import reporting
-
 from flows.tracking import runs
 from flows.align import AlignParams, ProjectorParams, align
 from flows.extract import ExtractParams, _key, extract_embeddings
@@ -79,6 +81,8 @@ class PipelineParams(BaseModel):
     refresh: bool = Field(False, description="Re-extract embeddings even when cached stores exist.")
     experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-pipeline-DATASET, DATASET being the manifest's name).")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db).")
+    run_name: str | None = Field(None, description="Name of this run in Prefect and MLflow (default: dataset, "
+                                 "modalities, projector kind, time).")
 
 
 def ensure_sample_data(*paths: str | None) -> None:
@@ -106,7 +110,13 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters.get("params", PipelineParams())
-    return run_label(params if isinstance(params, PipelineParams) else PipelineParams.model_validate(params))
+    params = params if isinstance(params, PipelineParams) else PipelineParams.model_validate(params)
+    if params.run_name:
+        return params.run_name
+    # A name typed in the Prefect UI's Custom run form is the run's name before this renames it; Prefect's own
+    # names are two-word slugs ("gleeful-squid"). Keep the typed one.
+    current = flow_run.name or ""
+    return current if current and not re.fullmatch(r"[a-z]+-[a-z]+", current) else run_label(params)
 
 
 def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict | None]:
@@ -141,12 +151,13 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     c = params
     uri = runs.tracking_uri(c.tracking_uri)
     ensure_sample_data(c.manifest, c.class_manifest)
+    check_paths(manifest=c.manifest, class_manifest=c.class_manifest)
     from encoders.manifest import Manifest
 
     dataset = Manifest.read(c.manifest).name
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
     # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
-    run_name = f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
+    run_name = c.run_name or f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
     with runs.stage_run("pipeline", dataset, run_name, experiment=experiment,
                             tags={"prefect.flow_run_id": str(flow_run.id)}, work=f"pipeline:{c.model_dump_json()}",
                             params=runs.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
@@ -188,7 +199,7 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
     return "".join(md)
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, flow_run_name=runlog.evaluate_name)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
     dataset = extracts[0]["dataset"] if extracts else "data"

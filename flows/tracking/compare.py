@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-
 import mlflow
 
-from flows.tracking import runs
+from flows.tracking import runs as tracking
+
 STAGES = ("align", "pipeline", "finetune", "extract", "evaluate", "contrastive")
 _HEAD = r"(mse|cosine|p2t_r1|p2t_mrr|t2p_r1|zeroshot_acc)"
 # Which final metrics each stage's table shows, in this order (each pattern matched against the metric name).
@@ -33,6 +33,10 @@ VOLATILE = {"run_dir", "tracking_uri", "experiment", "parent_run_id"}
 MLP_ONLY = ("depth", "hidden", "activation", "dropout", "layernorm", "residual")
 
 
+class UnknownExperiment(ValueError):
+    """A misspelled experiment, or one with no runs of the stage: the user's to fix, said in one line."""
+
+
 def compare_runs(experiment: str | None = None, run_ids: list[str] | None = None, last: int = 10,
                  stage: str | None = None, metrics: list[str] | None = None, params: list[str] | None = None,
                  tracking_uri: str | None = None) -> pd.DataFrame:
@@ -42,7 +46,7 @@ def compare_runs(experiment: str | None = None, run_ids: list[str] | None = None
     the experiment holds pipeline runs, else align. Runs of
     a stage are found wherever they were logged: ``xmodal-align-digits`` also finds the align runs nested under
     pipelines in ``xmodal-pipeline-digits``."""
-    runs.tracking_uri(tracking_uri)
+    tracking.tracking_uri(tracking_uri)
     named = re.fullmatch(rf"xmodal-({'|'.join(STAGES)})-(.+)", experiment or "")
     stage = stage or (named.group(1) if named else _top_stage(experiment))
     filters = [f"tags.`xmodal.stage` = '{stage}'"]
@@ -52,27 +56,28 @@ def compare_runs(experiment: str | None = None, run_ids: list[str] | None = None
     elif experiment:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
-            known = [e.name for e in mlflow.search_experiments()]
-            raise ValueError(f"no MLflow experiment {experiment!r}; known: {', '.join(known) or 'none'}")
+            known = sorted(e.name for e in mlflow.search_experiments())
+            raise UnknownExperiment(f"no MLflow experiment {experiment!r}; experiments that exist: "
+                                    f"{', '.join(known) or 'none'}")
         exps = [exp.experiment_id]
     else:
         exps = [e.experiment_id for e in mlflow.search_experiments()]
     if run_ids:
         filters.append("attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")")
-    runs = mlflow.search_runs(experiment_ids=exps, filter_string=" and ".join(filters),
-                              order_by=["attributes.start_time DESC"], max_results=len(run_ids) if run_ids else last)
-    if runs.empty:
-        raise ValueError(f"no {stage} runs found in {experiment or 'any experiment'}")
-    runs = _blank_mlp_only(runs)
-    shown = params or _differing(runs)
-    table = pd.DataFrame({"run_id": runs["run_id"], "run": runs.get("tags.mlflow.runName"),
-                          "label": _labels(runs, shown), "started": runs["start_time"]})
+    found = mlflow.search_runs(experiment_ids=exps, filter_string=" and ".join(filters),
+                               order_by=["attributes.start_time DESC"], max_results=len(run_ids) if run_ids else last)
+    if found.empty:
+        raise UnknownExperiment(f"no {stage} runs found in {experiment or 'any experiment'}")
+    found = _blank_mlp_only(found)
+    shown = sorted(params or _differing(found))
+    table = pd.DataFrame({"run_id": found["run_id"], "run": found.get("tags.mlflow.runName"),
+                          "label": _labels(found, shown), "started": found["start_time"]})
     for p in shown:
-        if f"params.{p}" in runs:
-            table[p] = runs[f"params.{p}"]
-    for m in metrics or _stage_metrics(runs, stage):
-        if f"metrics.{m}" in runs:
-            table[m] = runs[f"metrics.{m}"]
+        if f"params.{p}" in found:
+            table[p] = found[f"params.{p}"]
+    for m in metrics or _stage_metrics(found, stage):
+        if f"metrics.{m}" in found:
+            table[m] = found[f"metrics.{m}"]
     return table.reset_index(drop=True)
 
 
@@ -101,13 +106,35 @@ def _differing(runs: pd.DataFrame) -> list[str]:
     return [c.removeprefix("params.") for c in cols if runs[c].dropna().astype(str).nunique() > 1]
 
 
+def short_names(shown: list[str]) -> dict[str, str]:
+    """Each param's shortest dotted suffix that names the setting and is unique among the shown ones:
+    'align.projector.kind' -> 'projector.kind', 'finetune.enabled' stays; a one-part key stays as it is."""
+    out = {}
+    for p in shown:
+        parts = p.split(".")
+        for k in range(min(2, len(parts)), len(parts) + 1):
+            name = ".".join(parts[-k:])
+            if sum(q == name or q.endswith("." + name) for q in shown) == 1:
+                break
+        out[p] = name
+    return out
+
+
+def short_value(value, limit: int = 28) -> str:
+    """A value as a label shows it: an encoder spec loses its query string, anything longer is cut with '...'."""
+    text = str(value)
+    if ":" in text and "?" in text:  # encoder specs: 'timm:image:name?image_size=64&...' -> the model
+        text = text.split("?", 1)[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _labels(runs: pd.DataFrame, shown: list[str]) -> list[str]:
-    """'kind=mlp, hidden=32' from the differing params (the last part of each key, unless two share it)."""
-    last = [p.rsplit(".", 1)[-1] for p in shown]
-    names = [lp if last.count(lp) == 1 else p for p, lp in zip(shown, last)]
+    """'projector.kind=mlp, train.lr=0.003' from the differing params, in name order (stable between calls)."""
+    names = short_names(shown)
+    order = sorted(shown, key=lambda p: names[p])
     out = []
     for (_, row), name in zip(runs.iterrows(), runs.get("tags.mlflow.runName", runs["run_id"])):
-        parts = [f"{n}={row[f'params.{p}']}" for n, p in zip(names, shown)
+        parts = [f"{names[p]}={short_value(row[f'params.{p}'])}" for p in order
                  if f"params.{p}" in row and pd.notna(row[f"params.{p}"])]
         out.append(", ".join(parts) or str(name))
     return out
@@ -119,22 +146,3 @@ def _stage_metrics(runs: pd.DataFrame, stage: str) -> list[str]:
     if not patterns:
         return sorted(have)
     return [m for pat in patterns for m in sorted(have) if re.fullmatch(pat, m)]
-
-
-def comparison_plot(table: pd.DataFrame, path: str | Path, metrics: list[str] | None = None) -> Path:
-    """Grouped bars: one group per metric, one bar per run; the legend sits beside the axes, never over a bar."""
-    from flows.tracking.reporting import plt
-
-    metrics = metrics or [m for m in table.columns[4:] if pd.api.types.is_numeric_dtype(table[m])
-                          and not re.search(r"mse|epoch|rank", m)][:10]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(metrics), 4))
-    width = 0.8 / max(len(table), 1)
-    for i, row in table.iterrows():
-        ax.bar([k + i * width for k in range(len(metrics))], [row[m] for m in metrics], width,
-               label=f"{row['label']} ({row['run_id'][:6]})")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(metrics))], metrics, rotation=30, ha="right")
-    ax.set_title("xmodal runs")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)

@@ -23,6 +23,8 @@ metrics); this module owns everything the three used to copy and let drift:
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,6 +59,10 @@ class LoopConfig:
     min_delta: float = 0.0
     monitor: str | None = "val_loss"  # validation metric that picks the best epoch; None: the last epoch
     higher_is_better: bool = False
+    # Seconds between "progress" events (epoch, batch, running loss, ETA) inside long epochs: a stage-2 epoch
+    # on CPU can take many minutes, and a run log silent for 14 minutes looked hung. Default 60 s;
+    # $XMODAL_PROGRESS_S sets it (tests use a short interval).
+    progress_s: float = field(default_factory=lambda: float(os.environ.get("XMODAL_PROGRESS_S", "60")))
 
 
 @dataclass
@@ -284,6 +290,7 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
     resumed_from = _resume(path, device, print_, state, parts | {"optimizer": opt, "scheduler": sched})
 
     total = torch.zeros((), device=device)
+    clock = _Progress(cfg, state.epoch, trainer.num_batches())
     while state.epoch < cfg.epochs and not state.stopped:
         epoch = state.epoch
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
@@ -295,10 +302,14 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
             optimizer_step(loss, opt, sched, params, cfg.grad_clip)
             total.add_(loss.detach())
             n += 1
+            if callback is not None and clock.due():
+                callback("progress", state.step + n, clock.metrics(epoch, n, float(total) / n))
         state.step += n
         metrics = {"epoch": float(epoch), "train_loss": float(total) / max(n, 1)} | _lr_metrics(opt, sched, len(sets))
         trainer.train_mode(False)
         metrics |= trainer.validate()
+        if callback is not None and clock.due():  # a long validation pass counts against the interval too
+            callback("progress", state.step, clock.metrics(epoch, n, metrics["train_loss"]))
         _judge(state, epoch, metrics, cfg, parts)
         metrics |= trainer.epoch_metrics()
         # Counters move before the save, so a checkpoint says which epoch comes next; the callback runs
@@ -314,6 +325,30 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
         for name, part in parts.items():
             part.load_state_dict(state.best_weights[name])
     return state, resumed_from
+
+
+class _Progress:
+    """When the next "progress" event is due, and the ETA from the pace since this process started: the first
+    batch reports at once (the run has started, and its pace), then at most every ``cfg.progress_s`` seconds."""
+
+    def __init__(self, cfg: LoopConfig, start_epoch: int, batches: int):
+        self.cfg, self.start_epoch, self.batches = cfg, start_epoch, max(batches, 1)
+        self.t0 = time.monotonic()
+        self.last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.cfg.progress_s:
+            return False
+        self.last = now
+        return True
+
+    def metrics(self, epoch: int, batch: int, running_loss: float) -> dict[str, float]:
+        done = (epoch + batch / self.batches - self.start_epoch) / max(self.cfg.epochs - self.start_epoch, 1)
+        elapsed = time.monotonic() - self.t0
+        return {"epoch": float(epoch), "epochs": float(self.cfg.epochs), "batch": float(batch),
+                "batches": float(self.batches), "running_loss": running_loss, "elapsed_s": elapsed,
+                "eta_s": elapsed * (1 - done) / done if done > 0 else math.nan}
 
 
 def run(setup: Callable[[], T], cfg: LoopConfig, checkpoint_dir: str | Path | None = None,

@@ -85,7 +85,11 @@ class TaskData:
 
     def __post_init__(self) -> None:
         self.items = list(self.items)
-        y = self.y.detach().cpu() if torch.is_tensor(self.y) else torch.as_tensor(np.asarray(self.y))
+        if torch.is_tensor(self.y):
+            y = self.y.detach().cpu()
+        else:  # pandas 3 hands out read-only views (copy-on-write); torch warns on sharing one, so own a copy
+            arr = np.asarray(self.y)
+            y = torch.as_tensor(arr if arr.flags.writeable else arr.copy())
         if y.shape[0] != len(self.items):
             raise ValueError(f"{len(self.items)} items but {y.shape[0]} labels/targets")
         self.y = y

@@ -52,7 +52,8 @@ def test_flow_logs_errors_table_and_rejects_bad_params(prefect_server, mlflow_ur
         ExtractParams(manifest="m.csv", column="caption", encoder="not-a-spec")
 
 
-def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, sample_data, tmp_path):
+def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_server, mlflow_uri, sample_data, tmp_path,
+                                                                     capfd):
     """The extraction step of the second run is a cache hit: a small fraction of the first's time.
     (The whole flow also pays ~1 s of MLflow/Prefect bookkeeping either way.)"""
     import os
@@ -68,9 +69,12 @@ def test_second_identical_extraction_is_cached_and_refresh_forces_it(prefect_ser
     t0 = time.perf_counter()
     first = extract_embeddings(params)
     t_first = time.perf_counter() - t0
+    capfd.readouterr()
     t0 = time.perf_counter()
     second = extract_embeddings(params)
     t_second = time.perf_counter() - t0
+    said = capfd.readouterr().out
+    assert "served from cache" in said and "0 items/s" not in said, said  # not a rate it did not measure
     print(f"extraction step: first {first['task_seconds']:.2f} s, cached second {second['task_seconds']:.2f} s; "
           f"whole flow runs {t_first:.2f} s and {t_second:.2f} s (MLflow + Prefect bookkeeping included)")
     assert not first.get("cached") and second.get("cached") and second["store"] == first["store"]

@@ -38,13 +38,14 @@ class Refused(pickle.Unpickler):
         refuse()
 
 pickle.load, pickle.loads, pickle.Unpickler = refuse, refuse, Refused
-import numpy as np, mlflow
+import numpy as np, pandas as pd, mlflow
 
 model = mlflow.pyfunc.load_model(sys.argv[1])
 out = {}
 for name, items in json.loads(sys.argv[2]).items():
-    try:
-        out[name] = model.predict(items).tolist()
+    try:  # the signature's columns: 'input' (paths or texts) or 'embedding' (source-space vectors)
+        column = "embedding" if items and not isinstance(items[0], str) else "input"
+        out[name] = model.predict(pd.DataFrame({column: items})).tolist()
     except Exception as exc:
         out[name] = f"{type(exc).__name__}: {exc}"
 print("RESULT " + json.dumps(out))
@@ -110,7 +111,7 @@ def test_promoted_model_maps_raw_images_like_extract_plus_projector_in_a_fresh_p
     np.testing.assert_allclose(np.array(got["images"], np.float32), want, rtol=1e-4, atol=1e-4)
     assert want.shape == (5, 384)
     # text into an image model: refused, naming the input and the encoder
-    assert got["text"].startswith("ValueError") and "'a handwritten digit seven' is text" in got["text"]
+    assert got["text"].startswith("InputError") and "'a handwritten digit seven' is text" in got["text"]
     assert "embeds images" in got["text"] and "xmodal-tiny-rn.json" in got["text"]
 
 
@@ -122,6 +123,10 @@ def test_the_registered_model_holds_no_pickle_and_names_its_encoders(promoted, t
     assert version.tags["source.weights_digest"] == store.attrs["weights_digest"]
     assert (version.tags["source.dim"], version.tags["target.dim"]) == ("64", "384")
     assert version.tags["target.encoder_spec"].startswith("hf:text:")
+    # what each side embeds (not a manifest column name), the column it came from, the encoder without options
+    assert (version.tags["source.modality"], version.tags["target.modality"]) == ("image", "text")
+    assert (version.tags["source.column"], version.tags["target.column"]) == ("image", "caption")
+    assert version.tags["source.encoder"] == "open_clip:xmodal-tiny-rn.json"
     files = [p for p in Path(mlflow.artifacts.download_artifacts("models:/digits-promote-test@champion",
                                                                  dst_path=str(tmp_path))).rglob("*") if p.is_file()]
     names = {p.name for p in files}
@@ -129,6 +134,76 @@ def test_the_registered_model_holds_no_pickle_and_names_its_encoders(promoted, t
     assert [p.name for p in files if _is_pickle(p)] == []
     mlmodel = next(p for p in files if p.name == "MLmodel").read_text()
     assert "python_model.pkl" not in mlmodel and "model_code_path" in mlmodel  # code, not a pickled instance
+
+
+def test_source_embeddings_go_through_the_projector_alone(promoted, tmp_path):
+    emb = EmbeddingStore(promoted["src"]).get(list(pd.read_csv(promoted["manifest"])["id"].head(3)))
+    got = _load_fresh("models:/digits-promote-test@champion", {"emb": emb.tolist(), "bad": [[0.0, 1.0]]}, tmp_path)
+    with torch.no_grad():
+        want = load_projector(promoted["stage1"]["projector_dir"]).eval()(torch.from_numpy(emb)).numpy()
+    np.testing.assert_allclose(np.array(got["emb"], np.float32), want, rtol=1e-5, atol=1e-6)
+    assert got["bad"].startswith("InputError") and "(N, 64)" in got["bad"]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_mlflow_models_serve_answers_a_wrong_modality_with_400_and_one_line(promoted, mlflow_uri, tmp_path):
+    """`mlflow models serve` as the README shows it: the signature lists the inputs; a text POSTed to an image
+    model is HTTP 400 whose message is xmodal's one line, with no stack trace."""
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    info = mlflow.models.get_model_info("models:/digits-promote-test@champion")
+    assert info.signature.inputs.input_names() == ["input", "embedding"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # as the README runs it: the venv's bin first on PATH (MLflow execs `uvicorn` by name)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri,
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/digits-promote-test@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(records):
+        req = urllib.request.Request(f"{url}/invocations", json.dumps({"dataframe_records": records}).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        status, body = post([{"input": "a handwritten digit seven"}])
+        assert status == 400, body
+        assert body["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in body
+        message = body["message"]
+        assert len(message.splitlines()) == 1 and message.startswith("input 'a handwritten digit seven' is text")
+        assert "embeds images" in message and "Traceback" not in message
+        image = str(promoted["manifest"].parent / pd.read_csv(promoted["manifest"])["image"].iloc[0])
+        status, body = post([{"input": image}])
+        assert status == 200 and np.array(body["predictions"]).shape == (1, 384), body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def test_changed_encoder_weights_are_refused_naming_both_digests(promoted, tmp_path):
@@ -145,7 +220,7 @@ def test_changed_encoder_weights_are_refused_naming_both_digests(promoted, tmp_p
     assert new_digest != trained_on
     paths = [str(promoted["manifest"].parent / p) for p in pd.read_csv(promoted["manifest"])["image"].head(2)]
     got = _load_fresh("models:/digits-promote-test@champion", {"images": paths}, tmp_path)["images"]
-    assert isinstance(got, str) and got.startswith("ValueError"), got
+    assert isinstance(got, str) and got.startswith("EncoderChanged"), got
     assert new_digest in got and trained_on in got
 
 

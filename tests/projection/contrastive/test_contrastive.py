@@ -31,10 +31,26 @@ def test_training_lowers_the_loss_and_logs_each_epoch():
     res = train_contrastive(a, b, _cfg(epochs=6), a[:16], b[:16], callback=lambda e, s, m: events.append((e, s, m)))
     losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < losses[0] * 0.9, losses
-    assert [e for e, _, _ in events] == ["epoch"] * 6 + ["end"]
-    assert {"train_loss", "val_loss", "val_r1", "lr"} <= set(events[0][2])
-    assert [s for _, s, _ in events[:-1]] == [2 * (i + 1) for i in range(6)]  # 32 pairs / batch 16 = 2 steps
+    assert [e for e, _, _ in events if e != "progress"] == ["epoch"] * 6 + ["end"]
+    epochs = [(s, m) for e, s, m in events if e == "epoch"]
+    assert {"train_loss", "val_loss", "val_r1", "lr"} <= set(epochs[0][1])
+    assert [s for s, _ in epochs] == [2 * (i + 1) for i in range(6)]  # 32 pairs / batch 16 = 2 steps
+    # one progress event after the first batch; the next is due only after the default 60 s
+    progress = [m for e, _, m in events if e == "progress"]
+    assert len(progress) == 1 and (progress[0]["epoch"], progress[0]["batch"], progress[0]["batches"]) == (0, 1, 2)
     assert res.epochs_run == 6 and res.resumed_from_epoch is None
+
+
+def test_progress_events_come_on_the_interval_with_a_shrinking_eta(monkeypatch):
+    monkeypatch.setenv("XMODAL_PROGRESS_S", "0")  # every batch (and after each validation)
+    a, b = _pairs(32)
+    events = []
+    train_contrastive(a, b, _cfg(epochs=3), a[:16], b[:16], callback=lambda e, s, m: events.append((e, s, m)))
+    progress = [m for e, _, m in events if e == "progress"]
+    assert [(m["epoch"], m["batch"]) for m in progress] == [(e, b) for e in (0, 1, 2) for b in (1, 2, 2)]
+    assert all(m["epochs"] == 3 and m["running_loss"] > 0 for m in progress)
+    done = [(m["epoch"] + m["batch"] / m["batches"]) / 3 for m in progress]
+    assert done == sorted(done) and done[-1] == 1.0 and progress[-1]["eta_s"] == 0.0
 
 
 def test_saved_tower_loads_through_the_encoder_factory_and_embeds_identically(tmp_path):

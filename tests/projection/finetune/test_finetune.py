@@ -337,3 +337,18 @@ def test_hf_vit_layout_includes_final_layernorm(tmp_path):
     names = apply_unfreeze(enc, "last_n", 2)
     assert names and all(n.startswith((f"{stack}.1.", f"{stack}.2.", "layernorm.")) for n in names)
     assert any(n.startswith("layernorm.") for n in names)
+
+
+def test_task_data_from_a_pandas_column_owns_its_labels_without_a_numpy_warning():
+    """pandas 3 returns read-only views; torch warned "The given NumPy array is not writable" on every stage-2 run."""
+    import warnings
+
+    import pandas as pd
+
+    labels = pd.Series([0, 1, 2, 1]).astype(np.int64).to_numpy()
+    assert not labels.flags.writeable  # what stage 2's label column gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = TaskData(["a", "b", "c", "d"], labels)
+    data.y[0] = 5  # a tensor of its own: writing it leaves the frame's array alone
+    assert labels[0] == 0 and data.y.tolist() == [5, 1, 2, 1]
