@@ -272,14 +272,16 @@ def _into_target_space(emb: np.ndarray, projector_dir, origin: str, target: Embe
 def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
            projector_dir: str | Path | None = None, source_encoder: Any = None,
            source_store: str | Path | EmbeddingStore | None = None, k: int = 10,
-           chunk_rows: int = 16384, use_index: bool = True) -> SearchResults:
+           chunk_rows: int = 16384, ann_min_rows: int | None = ANN_MIN_ROWS) -> SearchResults:
     """Nearest ``k`` rows of ``target_store`` to one query, as ``[(id, score), ...]`` best first.
 
     The query is, in this order: an id held by ``source_store`` (its stored embedding is used);
     else an image path or a text, embedded by ``source_encoder`` (a spec string, an
     ``EncoderSpec`` or a loaded ``FrozenEncoder``; by default the ``encoder_spec`` recorded in
     ``source_store``). The embedding goes through the projector saved in ``projector_dir`` when one
-    is given (source space -> target space), is L2-normalised, and is searched exactly.
+    is given (source space -> target space), is L2-normalised, and is searched exactly, unless the
+    target holds at least ``ann_min_rows`` rows and a FAISS index was built beside it
+    (`xmodal build-index`; projection/search/index.py): then the index answers (None: always exact).
     ``chunk_rows`` defaults to 16384 (16 MiB blocks at 256 dims): on a 200k x 256 store that keeps
     peak RSS near 0.6x the store's size, where 65536-row blocks reach about 0.85x. torch is imported
     only when an encoder or a projector is used; a query by stored id without a projector needs none.
@@ -317,7 +319,7 @@ def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
         raise ValueError(f"the query {query!r} embeds to a zero or non-finite vector; cannot search by cosine")
     emb = emb / norm
     ann = None
-    if use_index and target.n >= ANN_MIN_ROWS:
+    if ann_min_rows is not None and target.n >= ann_min_rows:
         from projection.search.index import load_for_store
 
         ann = load_for_store(target)  # None when no index was built: exact, as below the threshold

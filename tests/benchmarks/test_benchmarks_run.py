@@ -68,8 +68,8 @@ def test_align_benchmark_runs(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_search_benchmark_runs(tmp_path):
-    r = _run("search.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
+def test_search_memory_benchmark_runs(tmp_path):
+    r = _run("search_memory.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
     (run,) = r["runs"]
     assert run["same_answers"] and run["top1_correct"] and not run["top_k_imported_torch"]
 
