@@ -290,7 +290,7 @@ def build_index(
     memory_gib: float = typer.Option(8.0, help="Memory the index may hold (GiB); above it IVF-PQ."),
 ):
     """Build a FAISS index for a large gallery (a Prefect flow); search and serve-search use it above 100k rows."""
-    from flows.search_index import IndexParams, build_index as build_index_flow
+    from flows.search.index import IndexParams, build_index as build_index_flow
 
     side = build_index_flow(IndexParams(store=store, kind=kind, memory_gib=memory_gib))
     typer.echo(f"{side['plan']['factory']}: nprobe {side['nprobe']}, recall@10 {side['tuning']['recall_at_k']:.3f}, "
