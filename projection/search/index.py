@@ -103,14 +103,25 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 def exact_rows(queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of unit queries (Q, D) against unit rows (N, D) in memory: (scores, row ids),
-    each (Q, k), best first; equal scores rank the lower row first (as ``exact.top_k``)."""
-    k = min(k, rows.shape[0])
-    scores = queries @ rows.T  # (Q, N)
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < rows.shape[0] else np.tile(np.arange(rows.shape[0]), (len(queries), 1))
-    ps = np.take_along_axis(scores, part, 1)
-    order = np.lexsort((part, -ps), axis=1)
-    idx = np.take_along_axis(part, order, 1)
-    return np.take_along_axis(scores, idx, 1), idx
+    each (Q, k), best first; equal scores rank the lower row first (as ``exact.top_k``).
+
+    Queries go in groups so the (group, N) score block stays near 16M scores (64 MiB, plus its
+    argpartition): 1,000 queries against 1M rows at once would be a 4 GB block and 8 GB of indices.
+    """
+    n = rows.shape[0]
+    k = min(k, n)
+    group = max(1, (1 << 24) // max(n, 1))
+    out_s, out_i = [], []
+    for g in range(0, len(queries), group):
+        scores = queries[g:g + group] @ rows.T  # (q, N)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
+        ps = np.take_along_axis(scores, part, 1)
+        order = np.lexsort((part, -ps), axis=1)
+        idx = np.take_along_axis(part, order, 1)
+        out_s.append(np.take_along_axis(scores, idx, 1))
+        out_i.append(idx)
+        del scores, part
+    return np.concatenate(out_s), np.concatenate(out_i)
 
 
 @dataclass
