@@ -187,7 +187,7 @@ def load_service(gallery_store: str | Path, *, image_encoder: str | None = None,
     own = gallery.store.attrs.get("encoder_spec")
     routes: dict[str, Route] = {}
     image_spec = resolve_spec(image_encoder, "image encoder") or own
-    if image_spec and not str(image_spec).startswith("bench:"):
+    if image_spec:
         routes["image"] = Route("image", QueryEncoder(image_spec), "native")
         _check_dim(routes["image"], gallery.store.dim, "image encoder")
     if sketch_projector is not None:
