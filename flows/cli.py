@@ -234,6 +234,42 @@ def search(
     typer.echo(results.table())
 
 
+@app.command("serve-search")
+def serve_search(
+    gallery: str = typer.Argument(..., help="Gallery store (.h5) to search; its manifest's files are the thumbnails."),
+    sketch_projector: Optional[str] = typer.Option(None, help="Sketch -> gallery projector folder (enables sketch queries)."),
+    sketch_encoder: Optional[str] = typer.Option(None, help="Sketch encoder spec or store (default: the gallery's encoder)."),
+    text_projector: Optional[str] = typer.Option(
+        None, help="Gallery -> caption projector folder (image -> caption; enables text queries)."),
+    text_encoder: Optional[str] = typer.Option(None, help="Caption encoder spec, or the caption store it was trained on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8765, help="Port."),
+):
+    """Search page + JSON API (POST /api/search): encoders, projectors and gallery loaded once."""
+    from projection.search.app import serve
+    from projection.search.service import load_service
+
+    service = load_service(gallery, sketch_projector=sketch_projector, sketch_encoder=sketch_encoder,
+                           text_projector=text_projector, text_encoder=text_encoder)
+    typer.echo(f"gallery {service.gallery.store.path}: {len(service.gallery)} items, modes "
+               f"{', '.join(service.routes)}; loaded in {service.load_s:.1f} s; http://{host}:{port}/")
+    serve(service, host=host, port=port)
+
+
+@app.command("build-index")
+def build_index(
+    store: str = typer.Argument(..., help="Embedding store (.h5) to index; saved beside it as STORE.faiss + .faiss.json."),
+    kind: Optional[str] = typer.Option(None, help="flat | ivf_flat | ivf_pq | hnsw (default: by size and memory)."),
+    memory_gib: float = typer.Option(8.0, help="Memory the index may hold (GiB); above it IVF-PQ."),
+):
+    """Build a FAISS index for a large gallery (a Prefect flow); search and serve-search use it above 100k rows."""
+    from flows.search.index import IndexParams, build_index as build_index_flow
+
+    side = build_index_flow(IndexParams(store=store, kind=kind, memory_gib=memory_gib))
+    typer.echo(f"{side['plan']['factory']}: nprobe {side['nprobe']}, recall@10 {side['tuning']['recall_at_k']:.3f}, "
+               f"{side['build']['build_s']:.1f} s, {side['index_bytes'] / 2**20:.1f} MiB")
+
+
 @app.command()
 def sweep(
     source_store: str = typer.Argument(..., help="Source-modality store (.h5)."),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from encoders.store import EmbeddingStore
+from projection.search.index import ANN_MIN_ROWS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 # A (queries x rows) score block is capped at this many elements; larger query sets are done in groups.
@@ -43,21 +44,28 @@ class SearchResults(list):
     """
 
     def __init__(self, hits: Sequence[tuple[str, float]] = (), *, query: str | None = None,
-                 store: str | None = None):
+                 store: str | None = None, files: Sequence[str] | None = None, method: str = "exact"):
         super().__init__(hits)
         self.query = query
         self.store = store
+        self.files = list(files) if files is not None else None  # the gallery file of each hit, when known
+        self.method = method
 
     def records(self) -> list[dict[str, Any]]:
-        return [{"rank": r, "id": i, "score": s} for r, (i, s) in enumerate(self, start=1)]
+        recs = [{"rank": r, "id": i, "score": s} for r, (i, s) in enumerate(self, start=1)]
+        for rec, f in zip(recs, self.files or []):
+            rec["file"] = f
+        return recs
 
     def table(self, digits: int = 4) -> str:
-        rows = [(str(r["rank"]), str(r["id"]), f"{r['score']:.{digits}f}") for r in self.records()]
-        head = ("rank", "id", "score")
-        w = [max([len(head[c])] + [len(row[c]) for row in rows]) for c in range(3)]
-        lines = [f"{head[0]:>{w[0]}}  {head[1]:<{w[1]}}  {head[2]:>{w[2]}}",
-                 f"{'-' * w[0]}  {'-' * w[1]}  {'-' * w[2]}"]
-        lines += [f"{a:>{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+        head = ("rank", "id", "score") + (("file",) if self.files else ())
+        rows = [(str(r["rank"]), str(r["id"]), f"{r['score']:.{digits}f}") + ((r["file"],) if self.files else ())
+                for r in self.records()]
+        w = [max([len(head[c])] + [len(row[c]) for row in rows]) for c in range(len(head))]
+        fmt = lambda cells: "  ".join(f"{c:>{w[j]}}" if j in (0, 2) else f"{c:<{w[j]}}"  # noqa: E731
+                                      for j, c in enumerate(cells)).rstrip()
+        lines = [fmt(head), fmt(["-" * x for x in w])]
+        lines += [fmt(row) for row in rows]
         return "\n".join(lines)
 
 
@@ -264,14 +272,16 @@ def _into_target_space(emb: np.ndarray, projector_dir, origin: str, target: Embe
 def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
            projector_dir: str | Path | None = None, source_encoder: Any = None,
            source_store: str | Path | EmbeddingStore | None = None, k: int = 10,
-           chunk_rows: int = 16384) -> SearchResults:
+           chunk_rows: int = 16384, ann_min_rows: int | None = ANN_MIN_ROWS) -> SearchResults:
     """Nearest ``k`` rows of ``target_store`` to one query, as ``[(id, score), ...]`` best first.
 
     The query is, in this order: an id held by ``source_store`` (its stored embedding is used);
     else an image path or a text, embedded by ``source_encoder`` (a spec string, an
     ``EncoderSpec`` or a loaded ``FrozenEncoder``; by default the ``encoder_spec`` recorded in
     ``source_store``). The embedding goes through the projector saved in ``projector_dir`` when one
-    is given (source space -> target space), is L2-normalised, and is searched exactly.
+    is given (source space -> target space), is L2-normalised, and is searched exactly, unless the
+    target holds at least ``ann_min_rows`` rows and a FAISS index was built beside it
+    (`xmodal build-index`; projection/search/index.py): then the index answers (None: always exact).
     ``chunk_rows`` defaults to 16384 (16 MiB blocks at 256 dims): on a 200k x 256 store that keeps
     peak RSS near 0.6x the store's size, where 65536-row blocks reach about 0.85x. torch is imported
     only when an encoder or a projector is used; a query by stored id without a projector needs none.
@@ -308,5 +318,31 @@ def search(query: str | Path, *, target_store: str | Path | EmbeddingStore,
     if not np.isfinite(norm) or norm == 0:
         raise ValueError(f"the query {query!r} embeds to a zero or non-finite vector; cannot search by cosine")
     emb = emb / norm
-    hits = top_k(emb, target, k, chunk_rows=chunk_rows)[0]
-    return SearchResults(hits, query=query, store=str(target.path))
+    ann = None
+    if ann_min_rows is not None and target.n >= ann_min_rows:
+        from projection.search.index import load_for_store
+
+        ann = load_for_store(target)  # None when no index was built: exact, as below the threshold
+    if ann is not None:
+        scores, rows = ann.search(emb, k)
+        ids = target.ids
+        hits = [(str(ids[r]), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+    else:
+        hits = top_k(emb, target, k, chunk_rows=chunk_rows)[0]
+    return SearchResults(hits, query=query, store=str(target.path), files=_files_of(target, [i for i, _ in hits]),
+                         method="exact" if ann is None else f"faiss {ann.plan.factory}")
+
+
+def _files_of(store: EmbeddingStore, ids: list[str]) -> list[str] | None:
+    """The manifest file of each hit (the store's ``manifest_path`` / ``modality``), or None when unknown."""
+    manifest, column = store.attrs.get("manifest_path"), store.attrs.get("modality")
+    if not manifest or not column or not Path(manifest).is_file():
+        return None
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, usecols=["id", column], dtype=str) if str(manifest).endswith(".csv") else None
+    if frame is None or not looks_like_image_path(str(frame[column].iloc[0])):
+        return None  # a text column: the id already says it, and texts make a poor table column
+    by_id = dict(zip(frame["id"], frame[column]))
+    root = Path(manifest).parent
+    return [str(root / by_id[i]) if i in by_id else "" for i in ids]

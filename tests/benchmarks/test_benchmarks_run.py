@@ -68,10 +68,21 @@ def test_align_benchmark_runs(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_search_benchmark_runs(tmp_path):
-    r = _run("search.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
+def test_search_memory_benchmark_runs(tmp_path):
+    r = _run("search_memory.py", "--rows", "5000", "--dim", "64", "--queries", "8", "--repeats", "1", tmp_path=tmp_path)
     (run,) = r["runs"]
     assert run["same_answers"] and run["top1_correct"] and not run["top_k_imported_torch"]
+
+
+@pytest.mark.timeout(300)
+def test_search_ann_benchmark_runs(tmp_path):
+    r = _run("search.py", "--rows", "20000", "--dim", "32", "--clusters", "100", "--queries", "100", "--single", "10",
+             "--repeats", "1", "--flat-below", "1000", tmp_path=tmp_path)
+    # the tuned index meets its recall target on new queries, against the exact search run beside it
+    assert r["index"].startswith("IVF") and r["recall_at_k"] >= 0.95 and r["exact_memory_recall_at_k"] == 1.0
+    assert r["build_s"] > 0 and r["index_mib"] > 0 and r["meets_goal"] == (r["speedup_batch_vs_exact_top_k"] >= 20)
+    assert r["speedup_batch_vs_exact_top_k"] == pytest.approx(
+        r["queries_per_s_batch"]["faiss"] / r["queries_per_s_batch"]["exact_top_k"], rel=0.05)
 
 
 @pytest.mark.timeout(600)

@@ -291,3 +291,20 @@ def test_looks_like_image_path(tmp_path):
     f = tmp_path / "noext"
     f.write_text("x")
     assert looks_like_image_path(str(f))  # an existing file is never taken for text
+
+
+def test_results_name_the_gallery_files_from_the_stores_manifest(tmp_path):
+    rng = np.random.default_rng(5)
+    emb = _unit(rng, 30, 8)
+    ids = [f"p{i:02d}" for i in range(30)]
+    import pandas as pd
+
+    pd.DataFrame({"id": ids, "image": [f"images/{i}.png" for i in ids]}).to_csv(tmp_path / "manifest.csv", index=False)
+    attrs = {"dataset": "t", "modality": "image", "encoder_spec": "test:none", "normalized": True,
+             "manifest_path": str(tmp_path / "manifest.csv")}
+    with StoreWriter(tmp_path / "g.h5", dim=8, attrs=attrs) as w:
+        w.append(ids, emb, rows_done=30)
+        w.finish()
+    res = search("p07", target_store=tmp_path / "g.h5", source_store=tmp_path / "g.h5", k=3)
+    assert res[0][0] == "p07" and res.files[0] == str(tmp_path / "images" / "p07.png")
+    assert res.records()[0]["file"] == res.files[0] and str(tmp_path / "images" / "p07.png") in res.table().splitlines()[2]
