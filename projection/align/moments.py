@@ -31,7 +31,8 @@ def column_moments(x, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mean = total / max(n, 1)
     sq = np.zeros(x.shape[1], np.float64)
     for s, e in _blocks(n):  # centred second pass: no cancellation of sum(x^2) - n mean^2
-        d = x[s:e].astype(np.float64) - mean
+        d = x[s:e].astype(np.float64)
+        d -= mean
         sq += np.einsum("ij,ij->j", d, d)
     return mean, np.sqrt(sq / max(n - ddof, 1))
 
@@ -51,8 +52,11 @@ def centred_products(x, y, mu_x: np.ndarray, mu_y: np.ndarray, sd_x: np.ndarray 
     sq = 0.0
     mx, my, sx = mu_x.astype(dtype), mu_y.astype(dtype), sd_x.astype(dtype)
     for s, e in _blocks(x.shape[0]):
-        xb = (x[s:e].astype(dtype) - mx) / sx  # (B, D_x)
-        yb = y[s:e].astype(dtype) - my  # (B, D_y)
+        xb = x[s:e].astype(dtype)  # (B, D_x), a copy: centred and scaled in place
+        xb -= mx
+        xb /= sx
+        yb = y[s:e].astype(dtype)  # (B, D_y)
+        yb -= my
         if with_gram:
             gram += xb.T @ xb
         cross += xb.T @ yb
