@@ -137,7 +137,8 @@ def child_align(args) -> dict:
     t0 = time.perf_counter()
     out = fa.align(fa.AlignParams(
         source=args.src, target=args.tgt, projector={"kind": args.kind}, split={"test_frac": args.test_frac},
-        train={"steps": args.train_steps} if args.train_steps else {},
+        # a cut epoch: one epoch, which is what the default 2000-step budget resolves to from 512k train pairs up
+        train={"steps": args.train_steps} if args.train_steps else {"epochs": 1} if args.flow_steps else {},
         in_memory_max_gb=args.budget_gb, out_dir=str(Path(args.work) / "runs"),
         tracking_uri=f"sqlite:///{Path(args.work) / 'mlflow.db'}", experiment="scale"))
     wall = time.perf_counter() - t0
@@ -182,8 +183,9 @@ def child_bare(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     stamps: list[float] = []
     fs, ft = h5py.File(args.src, "r"), h5py.File(args.tgt, "r")
-    starts = torch.randperm(-(-len(mask) // CHUNK), generator=gen).tolist()
-    for c in starts:
+    n_chunks = -(-len(mask) // CHUNK)
+    starts = [c for _ in range(-(-total // max(1, len(train) // 256)) + 1) for c in torch.randperm(n_chunks, generator=gen).tolist()]
+    for c in starts:  # passes over the stream until `total` steps
         s = c * CHUNK
         x = torch.from_numpy(fs["embeddings"][s : s + CHUNK][mask[s : s + CHUNK]])  # (chunk, D_src)
         y = torch.from_numpy(ft["embeddings"][s : s + CHUNK][mask[s : s + CHUNK]])  # (chunk, D_tgt)

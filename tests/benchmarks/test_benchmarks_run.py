@@ -100,7 +100,7 @@ def test_defaults_benchmark_runs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_scale_benchmark_runs(tmp_path):
-    r = _run("scale.py", "--pairs", "3000", "--mem-pairs", "2000", "--budget-gb", "0.001", "--bare-steps", "30",
+    r = _run("scale.py", "--pairs", "10000", "--mem-pairs", "2000", "--budget-gb", "0.001", "--bare-steps", "30",
              "--flow-steps", "30", "--mem-steps", "30", "--work", str(tmp_path / "scale"), tmp_path=tmp_path)
     flow, lin = r["flow"], r["linear_in_memory"]
     assert flow["steps"] == 30 and [b["steps"] for b in r["bare"]] == [30, 30]  # the flow's epoch was cut as asked
