@@ -38,7 +38,8 @@ from flows.tracking.runlog import reported
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
 from projection.align.config import BaselineConfig, LossConfig, ProjectorConfig, SplitConfig, TrainConfig
-from projection.align.data import ChunkedPairs, InMemoryPairs, check_split, load_split, make_split, save_split
+from projection.align.data import (BASELINE_TRAIN_ROWS, BASELINE_VAL_ROWS, ChunkedPairs, InMemoryPairs, check_split,
+                                   gather_pairs, load_split, make_split, save_split)
 from projection.align.fit import FitResult, fit_projector
 from projection.align.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
 from projection.semi.partial import check_pairs, partition_stores, semi_inputs
@@ -191,16 +192,17 @@ def _datasets(params: AlignParams, pairs, ids: list, split: dict, sname: str, tn
     """train/val/test pair sets (in memory below the budget, else streamed) and the arrays the baselines fit on."""
     nbytes = len(pairs) * (pairs.source.dim + pairs.target.dim) * 4
     in_memory = nbytes <= params.in_memory_max_gb * 2**30
-    if in_memory:
-        x, y = pairs.arrays()  # (N, D_src), (N, D_tgt)
-        whole = InMemoryPairs(x, y, ids, sname, tname)
-        train_set, val_set, test_set = (whole.subset(split[s]) for s in ("train", "val", "test"))
+    if in_memory:  # each split read once into its final arrays (no whole copy to index from)
+        parts = gather_pairs(pairs, [split[s] for s in ("train", "val", "test")])
+        train_set, val_set, test_set = (InMemoryPairs(x, y, [ids[i] for i in split[s]], sname, tname)
+                                        for (x, y), s in zip(parts, ("train", "val", "test")))
         fit, val = (train_set.x.numpy(), train_set.y.numpy()), (val_set.x.numpy(), val_set.y.numpy())
     else:  # stream train/val in chunks; the test split is held in memory for ranking metrics
         train_set = ChunkedPairs(pairs, 65536, split["train"], ids, sname, tname)
         val_set = ChunkedPairs(pairs, 65536, split["val"], ids, sname, tname)
-        test_set = InMemoryPairs(*pairs.take(split["test"]), [ids[i] for i in split["test"]], sname, tname)
-        fit, val = pairs.take(split["train"][:200_000]), pairs.take(split["val"][:50_000])  # baselines on a sample
+        test, fit, val = gather_pairs(pairs, [split["test"], split["train"][:BASELINE_TRAIN_ROWS],
+                                              split["val"][:BASELINE_VAL_ROWS]])  # baselines on a sample
+        test_set = InMemoryPairs(*test, [ids[i] for i in split["test"]], sname, tname)
     return {"train": train_set, "val": val_set, "test": test_set, "fit": fit, "val_arrays": val, "in_memory": in_memory}
 
 
@@ -276,7 +278,7 @@ def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict
     mlflow.log_params({"source_store": str(src.path), "target_store": str(tgt.path), "n_pairs": sum(map(len, split.values())),
                        "n_train": len(split["train"]), "n_val": len(split["val"]), "n_test": len(split["test"]),
                        "source_encoder": src.attrs.get("encoder_spec"), "target_encoder": tgt.attrs.get("encoder_spec"),
-                       "in_memory": data["in_memory"], "run_dir": str(run_dir),
+                       "in_memory": data["in_memory"], "run_dir": str(run_dir), "n_baseline_fit": len(data["fit"][0]),
                        "label_column": params.label_column, "label_manifest": params.label_manifest})
     for store, ctx in ((src, "source"), (tgt, "target")):
         runs.log_store_input(store, ctx)

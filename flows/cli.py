@@ -163,13 +163,14 @@ app = _App(add_completion=False, no_args_is_help=True, help="Cross-modal embeddi
 
 
 @app.command("build-data")
-def build_data(out_dir: str = typer.Option("data/generated", help="Output folder.")):
+def build_data(out_dir: str = typer.Option("data/generated", help="Output folder."),
+               fashion: int = typer.Option(3000, help="Balanced Fashion-MNIST rows; 0 = all 70,000.")):
     """Build the offline sample data (digits, sketches, captions; RGB/depth scenes)."""
     from pathlib import Path
 
     from data.build import build_all
 
-    for name, path in build_all(Path(out_dir)).items():
+    for name, path in build_all(Path(out_dir), fashion_size=fashion).items():
         typer.echo(f"{name}: {path}")
 
 

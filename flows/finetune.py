@@ -39,6 +39,7 @@ from projection.engine.run_folder import hold_run_folder
 from projection.finetune.model import (TASK_METRIC, TaskData, evaluate_task, finetune as finetune_model,
                                  frozen_head_baseline, trainable_prefixes)
 from projection.finetune.io import save_finetuned
+from projection.finetune.distributed import launch, write_spec
 from projection.finetune.config import FinetuneConfig
 from projection.align.metrics import alignment_metrics
 from projection.align.projector import load_projector
@@ -182,9 +183,16 @@ def train_before_and_after(params: FinetuneParams, inputs: StageTwoInputs, run_d
     if cfg.unfreeze == "none":
         return before, before, encoder
     encoder_after = load_encoder(params.source_encoder)
+    if cfg.processes > 1:  # DDP workers train to the end; below, this process resumes their finished checkpoint
+        launch(write_spec(run_dir / "ddp", params.source_encoder, params.projector_dir, data["train"], data["val"], cfg,
+                          run_dir / "ckpt-after"), cfg.processes)
     after = finetune_model(encoder_after, params.projector_dir, data["train"], data["val"], cfg,
                            checkpoint_dir=run_dir / "ckpt-after",
                            callback=reported(_epoch_logger(run, "after"), f"stage 2, fine-tuning ({cfg.unfreeze})"))
+    if cfg.processes > 1:  # the epochs ran in the workers: their history is the checkpoint's
+        log = _epoch_logger(run, "after")
+        for metrics in after.history:
+            log("epoch", 0, metrics)
     return before, after, encoder_after
 
 

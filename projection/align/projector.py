@@ -14,6 +14,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from projection.align.config import ProjectorConfig
+from projection.align.moments import column_moments
 
 WEIGHTS_FILE = "projector.safetensors"
 CONFIG_FILE = "projector.json"
@@ -73,14 +74,15 @@ class Projector(nn.Module):
         """
         if not self.cfg.standardize:
             return
-        dtype = self.in_mean.dtype  # float64 for a kept ridge start (projection.align.fit)
-        x = torch.as_tensor(x).to(dtype)
-        self.in_mean.copy_(x.mean(0))
-        self.in_std.copy_(x.std(0).clamp_min(1e-6))
+        # Block-wise float64 moments (projection.align.moments): a kept ridge start (float64) made a full
+        # float64 copy of the train split here, and torch's std() another centred one.
+        mean, std = column_moments(x, ddof=1)
+        self.in_mean.copy_(torch.from_numpy(mean))
+        self.in_std.copy_(torch.from_numpy(std).clamp_min(1e-6))
         if y is not None and not self.cfg.residual:
-            y = torch.as_tensor(y).to(dtype)
-            self.out_mean.copy_(y.mean(0))
-            self.out_std.copy_(y.std(0).clamp_min(1e-6))
+            mean, std = column_moments(y, ddof=1)
+            self.out_mean.copy_(torch.from_numpy(mean))
+            self.out_std.copy_(torch.from_numpy(std).clamp_min(1e-6))
 
     @torch.no_grad()
     def start_at(self, a, c) -> None:

@@ -276,6 +276,11 @@ def _resume(path: Path | None, device: torch.device, print_: dict, state: LoopSt
     return state.epoch
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torch.distributed group, or the only process (projection.finetune.distributed)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
 def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | None,
          callback: Callback | None) -> tuple[LoopState, int | None]:
     sets = trainer.param_sets()
@@ -316,7 +321,7 @@ def _fit(trainer: Trainer, cfg: LoopConfig, device: torch.device, path: Path | N
         # last, so what a tracker sees has already survived a kill -9.
         state.history.append(metrics)
         state.epoch = epoch + 1
-        if path is not None:
+        if path is not None and is_main_process():  # DDP: one writer; every rank resumes from its file
             save_checkpoint(path, device, print_, {name: p.state_dict() for name, p in parts.items()}
                             | {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} | state.as_dict())
         if callback is not None:

@@ -55,6 +55,10 @@ class FinetuneConfig(BaseModel):
     n_classes: int | None = Field(None, ge=2, description="Classification only: number of classes; None = 1 + the largest training label.")
     label_column: str | None = Field("label", description="Manifest column with integer class labels (classification); read by the flow, not here.")
     target_column: str | None = Field("target", description="Manifest column with the numeric target (regression); read by the flow, not here.")
+    processes: int = Field(
+        1, ge=1, description="Fine-tuning processes on this host (torch DistributedDataParallel under torchrun: gloo on "
+        "CPU, nccl on CUDA, one GPU each). Each step's batch is split over them, so batch_size stays the global batch. "
+        "Applies to the fine-tuning run (unfreeze != 'none'); the frozen-feature head trains in one process.")
     device: str = Field("cpu", description="Torch device of the encoder, projector and head, e.g. 'cpu', 'cuda'.")
 
     @property

@@ -253,6 +253,15 @@ class FinetuneTrainer(loop.Trainer):
             encoder.digest = weights_digest(encoder.module)
 
 
+def _trainer_class() -> type[FinetuneTrainer]:
+    """The DDP trainer inside a torch.distributed group of several ranks (projection.finetune.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from projection.finetune.distributed import DistributedFinetuneTrainer  # lazy: it imports this module
+
+        return DistributedFinetuneTrainer
+    return FinetuneTrainer
+
+
 def loop_config(cfg: FinetuneConfig) -> loop.LoopConfig:
     return loop.LoopConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device, weight_decay=cfg.weight_decay,
                            warmup_frac=cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
@@ -307,7 +316,7 @@ def finetune(
     y, dim_head = _check_inputs(encoder, projector, train_data, val_data, cfg)
     items = (train_data.items, val_data.items if val_data is not None else None)
     with GradCheckpointing(encoder, cfg.grad_checkpointing and cfg.unfreeze != "none"):
-        res = loop.run(lambda: FinetuneTrainer(encoder, projector, items, y, dim_head, cfg), loop_config(cfg),
+        res = loop.run(lambda: _trainer_class()(encoder, projector, items, y, dim_head, cfg), loop_config(cfg),
                        checkpoint_dir, CHECKPOINT_FILE, callback)
     t, s = res.trainer, res.state
     best = {k.removeprefix("val_"): v for k, v in s.best_metrics.items()}

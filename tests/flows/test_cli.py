@@ -125,3 +125,11 @@ def test_align_cli_passes_what_users_tune(prefect_server, mlflow_uri, tmp_path):
     assert (p["projector.hidden"], p["projector.depth"], p["train.weight_decay"]) == ("32", "2", "0.0")
     assert p["baselines.ridge_alphas"] == "[0.1, 10.0]" and p["loss.terms"] == '{"mse": 1.0, "cosine": 0.5}'
     assert run.data.metrics["ridge_alpha"] in (0.1, 10.0)
+
+
+def test_build_data_takes_the_fashion_size():
+    """`--fashion 0` (all 70,000 rows) reaches data.build from the CLI, as `python -m data.build --fashion 0` does."""
+    out = CliRunner().invoke(app, ["build-data", "--help"])
+    assert out.exit_code == 0 and "--fashion" in out.output and "70,000" in out.output
+    bad = CliRunner().invoke(app, ["build-data", "--fashion", "many"])
+    assert bad.exit_code == 2 and "--fashion" in bad.output
