@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from projection.align.baselines import ProcrustesBaseline, RidgeBaseline
-from projection.align.config import ProjectorConfig, TrainConfig
+from projection.align.config import LossConfig, ProjectorConfig, TrainConfig
+from projection.align.data import InMemoryPairs
+from projection.align.fit import fit_projector
 from projection.align.projector import Projector
 from projection.align.train import TrainResult, predict
 from projection.semi.objective import SemiConfig
@@ -102,11 +104,17 @@ def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: Train
     scores = {name: val_mrr(m.predict(xv), yv, pool) for name, m in maps.items()}
     unpaired = {k: v for k, v in scores.items() if k.startswith("refined")}
     best_refined = max(unpaired, key=unpaired.get)
-    best = max(scores, key=lambda k: (scores[k], k.startswith("refined")))  # a tie goes to the unpaired rows
     refined = maps[best_refined]
     _log_refine(refined, callback)
+    pairs_mlp = None
+    if pcfg.kind == "mlp" and len(xp) >= 2:  # stage 1's MLP on the pairs alone is a pairs-only map too
+        pairs_mlp = _pairs_mlp(xp, yp, val, pcfg, train, cfg or SemiConfig(), maps["ridge"])
+        scores["mlp_pairs"] = val_mrr(predict(pairs_mlp, xv), yv, pool)
+    best = max(scores, key=lambda k: (scores[k], k.startswith("refined")))  # a tie goes to the unpaired rows
     if callback is not None:
         callback("choose", 0, {f"val_mrr/{k}": v for k, v in scores.items()})
+    if best == "mlp_pairs":
+        return SemiFit(pairs_mlp, refined, best, scores)
     if best.startswith("refined") and pcfg.kind == "mlp":
         res = _mlp(maps[best], xp, yp, xu, yu, pcfg, train, cfg, callback, val, checkpoint_dir)
         scores["mlp"] = val_mrr(predict(res.model, xv), yv, pool)
@@ -117,6 +125,12 @@ def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: Train
         xa, ya = np.concatenate([xp, xv]), np.concatenate([yp, yv])
         chosen = fits[best](xa, ya, xu, yu, None, None)
     return SemiFit(linear_projector(chosen, pcfg.d_in, pcfg.d_out), refined, best, scores)
+
+
+def _pairs_mlp(xp, yp, val, pcfg, train, cfg, ridge):
+    """Stage 1's recipe (ridge start, MLP residual, early stop on val) on the pairs alone, ``cfg.steps`` steps."""
+    tcfg = train.model_copy(update={"steps": cfg.steps, "epochs": None, "batch_size": min(train.batch_size, len(xp))})
+    return fit_projector(pcfg, LossConfig(), tcfg, InMemoryPairs(xp, yp), InMemoryPairs(*val), xp, yp, ridge=ridge).model
 
 
 def _mlp(refined, xp, yp, xu, yu, pcfg, train, cfg, callback, val, checkpoint_dir):
