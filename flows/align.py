@@ -44,7 +44,8 @@ from projection.align.fit import FitResult, fit_projector
 from projection.align.metrics import alignment_metrics, collapse_stats, collapse_warning, similarity_matrix, zero_shot
 from projection.semi.partial import check_pairs, partition_stores, semi_inputs
 from projection.align.projector import save_projector
-from projection.semi.trainer import SemiConfig, fit_semi_mode
+from projection.semi.method import fit_semi_mode
+from projection.semi.objective import SemiConfig
 from projection.align.train import TrainResult, predict
 from projection.align.transfer import transfer_scores
 from projection.engine.run_folder import hold_run_folder
@@ -225,7 +226,7 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and k != "epoch"}, step=step)
 
         if "semi" in task:
-            fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch)
+            fit = _fit_semi(params, pcfg, task["semi"], baselines, run_dir, on_epoch, data["val_arrays"])
         else:
             fit = fit_projector(pcfg, params.loss, params.train, data["train"], data["val"], *data["fit"],
                                 ridge=baselines["ridge"], checkpoint_dir=run_dir / "ckpt",
@@ -258,17 +259,23 @@ def _run(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split
             "weights_origin": {"source": src.attrs.get("weights_origin"), "target": tgt.attrs.get("weights_origin")}}
 
 
-def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict, run_dir: Path, callback) -> FitResult:
-    """Modes 'semi' and 'zero_pair': the refined closed form joins the baselines; which ids were pairs is logged."""
+def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict, run_dir: Path, callback,
+              val: tuple[np.ndarray, np.ndarray]) -> FitResult:
+    """Modes 'semi' and 'zero_pair': the refined closed form joins the baselines; which ids were pairs is logged.
+
+    The val split chooses among pairs-only and refined maps and the semi MLP (projection/semi/method.py);
+    the MLP checkpoints under run_dir/ckpt and resumes after a kill like stage 1."""
     pd.DataFrame(semi.roles, columns=["id", "role"]).to_csv(run_dir / "pairing.csv", index=False)
     mlflow.log_artifact(str(run_dir / "pairing.csv"))
     mlflow.log_params({"mode": params.mode, "paired_frac": params.paired_frac, "n_train_pairs_used": len(semi.xp),
                        "n_unpaired_source": len(semi.xu), "n_unpaired_target": len(semi.yu)})
-    model, refined = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
-                                   SemiConfig(steps=params.semi_steps), callback)
-    baselines["refined"] = refined
-    history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(refined.history)]
-    return FitResult(model, TrainResult(None, 0, 1, params.semi_steps, False, None, history), None, None, False)
+    fit = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
+                        SemiConfig(steps=params.semi_steps), callback, val=val, checkpoint_dir=run_dir / "ckpt")
+    baselines["refined"] = fit.refined
+    mlflow.log_param("semi_chosen", fit.chosen)
+    history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(fit.refined.history)]
+    result = fit.train or TrainResult(None, 0, 1, len(history), False, None, history)  # one step per refinement round
+    return FitResult(fit.model, result, None, None, False)
 
 
 def _log_inputs(params: AlignParams, src, tgt, pcfg: ProjectorConfig, data: dict, split: dict, run_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The three trainers of the shared loop (tests/projection/engine/test_loop.py), each one tiny deterministic run; also the kill -9 worker.
+"""The four trainers of the shared loop (tests/projection/engine/test_loop.py), each one tiny deterministic run; also the kill -9 worker.
 
 usage (the worker): python tests/loop_cases.py CASE CKPT_DIR OUT_FILE SLEEP_PER_EPOCH
 Each case takes ``changes``: section -> {field: value} applied to its configs, so one test can
@@ -76,8 +76,27 @@ def contrastive(ckpt, callback=None, changes=None):
         f"loss.{k}": v for k, v in res.loss_fn.state_dict().items()}
 
 
+def semi(ckpt, callback=None, changes=None):
+    from projection.align.config import ProjectorConfig, TrainConfig
+    from projection.semi.objective import SemiConfig
+    from projection.semi.trainer import train_semi
+
+    ch = changes or {}
+    rng = np.random.default_rng(ch.get("data", {}).get("seed", 0))
+    x = rng.normal(size=(160, 8)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
+    # 12 pairs, unpaired rows on both sides (target side shuffled), pseudo-pairs, val pairs; dropout draws from the RNG
+    pcfg = ProjectorConfig(**({"d_in": 8, "d_out": 6, "hidden": 16, "dropout": 0.1} | ch.get("projector", {})))
+    train = TrainConfig(**({"batch_size": 16, "lr": 3e-3, "warmup_steps": 3, "patience": None, "seed": 7} | ch.get("train", {})))
+    cfg = SemiConfig(**({"steps": 4 * EPOCHS, "epoch_steps": 4, "unpaired_batch": 16} | ch.get("semi", {})))
+    res = train_semi(x[:12], y[:12], x[12:120], y[12:120][rng.permutation(108)], pcfg, train, cfg,
+                     (x[12:40], y[12:40]), callback, val=(x[120:], y[120:]), checkpoint_dir=ckpt)
+    return res.train, {f"f.{k}": v for k, v in res.model.state_dict().items()} | {
+        f"g.{k}": v for k, v in res.reverse.state_dict().items()}
+
+
 CASES = {"stage1": (stage1, "checkpoint.pt"), "finetune": (finetune, "finetune_checkpoint.pt"),
-         "contrastive": (contrastive, "checkpoint.pt")}
+         "contrastive": (contrastive, "checkpoint.pt"), "semi": (semi, "semi_checkpoint.pt")}
 
 
 def _worker(case: str, ckpt: str, out: str, sleep: float) -> None:

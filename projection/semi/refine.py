@@ -139,6 +139,14 @@ class RefinedMap:
     def predict(self, x) -> np.ndarray:
         return self.map.predict(x)  # (N, D_src) -> (N, D_tgt)
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, c) with predict(x) = x @ A + c (both base maps are affine)."""
+        m = self.map
+        if hasattr(m, "affine"):
+            return m.affine()
+        a = m.s * np.asarray(m.r, np.float64)  # (D_src, D_tgt)
+        return a, np.asarray(m.mu_y, np.float64) - np.asarray(m.mu_x, np.float64) @ a
+
 
 def _principal_coords(a: np.ndarray, r: int) -> np.ndarray:
     """Top-r whitened principal coordinates, each axis's sign fixed so its skewness is positive.

@@ -87,15 +87,17 @@ def test_search_ann_benchmark_runs(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_semi_benchmark_runs(tmp_path):
-    r = _run("semi.py", "--fracs", "0,0.05,1", "--steps", "20", "--hidden", "16", "--max-rows", "400",
-             "--out", str(tmp_path / "semi"), tmp_path=tmp_path)
-    for setting in ("migration", "crossmodal"):
-        rows = r["curves"][setting]
-        assert [row["n_pairs"] for row in rows] == [0, 18, 360]  # 5 % of 360 training rows; test 40 held out
-        assert rows[0]["refined"] is not None and rows[0]["mlp"] is None  # zero pairs: only the zero-pair map
-        assert rows[2]["semi_mlp"] is None and rows[2]["n_unpaired"] == 0  # all paired: nothing unpaired to use
-        assert set(r["at_5pct"][setting]) == {"semi_over_full_mlp", "semi", "best_pairs_only", "beats_pairs_only"}
-    assert (tmp_path / "semi" / "semi_curve.png").stat().st_size > 0
+    r = _run("semi.py", "--sets", "sklearn-cancer-views,digits-random-migration", "--fracs", "0.05,1", "--steps", "20",
+             "--hidden", "16", "--max-rows", "400", "--out", str(tmp_path / "semi"), tmp_path=tmp_path)
+    for name in ("sklearn-cancer-views", "digits-random-migration"):
+        rows = r["curves"][name]
+        assert [row["n_pairs"] for row in rows] == [18, 360]  # 5 % of 360 training rows; test 40 held out
+        assert rows[1]["semi"] is None and rows[1]["n_unpaired"] == 0  # all paired: nothing unpaired to use
+        assert rows[0]["semi_chosen"] in {"mlp", "mlp_pairs", "ridge", "procrustes", "refined_keep1", "refined_keep0.5"}
+        s = r["summary"][name]
+        full = max(rows[1][m] for m in ("ridge", "procrustes", "mlp"))
+        assert s["full_r1"] == full and s["0.05"]["fraction"] == pytest.approx(rows[0]["semi"] / full, abs=1e-3)
+    assert r["summary"]["sklearn-cancer-views"]["not_tuned_on"] and not r["summary"]["digits-random-migration"]["not_tuned_on"]
 
 
 @pytest.mark.timeout(300)

@@ -1,4 +1,4 @@
-"""The shared loop, checked the same way through all three trainers (stage 1, stage 2, contrastive):
+"""The shared loop, checked the same way through all four trainers (stage 1, stage 2, contrastive, semi):
 kill -9 and rerun ends bit-identical to an uninterrupted run, and a rerun with ANY changed setting
 never resumes the old checkpoint (it is kept as ``.stale`` and the differing field is named)."""
 
@@ -76,6 +76,10 @@ CHANGES = [
     ("contrastive", {"contrastive": {"weight_decay": 0.0}}, "contrastive.weight_decay: 0.05 -> 0.0"),
     ("contrastive", {"contrastive": {"warmup_frac": 0.2}}, "contrastive.warmup_frac: 0.0 -> 0.2"),
     ("contrastive", {"contrastive": {"crop_scale": 0.5}}, "contrastive.crop_scale: 0.7 -> 0.5"),
+    ("semi", {"semi": {"mmd": 0.1}}, "semi.mmd: 0.5 -> 0.1"),
+    ("semi", {"semi": {"unpaired_batch": 8}}, "semi.unpaired_batch: 16 -> 8"),
+    ("semi", {"train": {"weight_decay": 0.1}}, "train.weight_decay: 0.01 -> 0.1"),
+    ("semi", {"data": {"seed": 1}}, "data"),
 ]
 
 

@@ -11,7 +11,8 @@ from projection.align.config import ProjectorConfig, TrainConfig
 from projection.align.metrics import alignment_metrics
 from projection.semi.partial import check_pairs, pair_budget, partition_stores
 from projection.semi.refine import RefinedMap, RefineConfig, moment_seed
-from projection.semi.trainer import SemiConfig, train_semi
+from projection.semi.objective import SemiConfig
+from projection.semi.trainer import train_semi
 from projection.align.train import predict
 from tests_support import make_store
 
@@ -67,8 +68,8 @@ def test_semi_supervised_mlp_beats_the_same_mlp_on_pairs_alone():
     pcfg = ProjectorConfig(d_in=D, d_out=D, hidden=64)
     train = TrainConfig(batch_size=64, lr=3e-3)
     semi = train_semi(x[pairs], y[pairs], xu, yu, pcfg, train, SemiConfig(steps=250),
-                      (refined.x_unpaired[i], refined.y_unpaired[j]))
-    alone = train_semi(x[pairs], y[pairs], xu, yu, pcfg, train, SemiConfig(steps=250, cycle=0, mmd=0, pseudo=0))
+                      (refined.x_unpaired[i], refined.y_unpaired[j])).model
+    alone = train_semi(x[pairs], y[pairs], xu, yu, pcfg, train, SemiConfig(steps=250, cycle=0, mmd=0, pseudo=0)).model
     r1_semi = alignment_metrics(predict(semi, x[test]), y[test])["p2t_r1"]
     r1_alone = alignment_metrics(predict(alone, x[test]), y[test])["p2t_r1"]
     assert r1_semi > 0.9
