@@ -31,6 +31,7 @@ from flows.tracking import reporting
 from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
+from flows.errors import FLOW_RESULTS
 from flows.extract import _key
 from flows.labels import class_embeddings, content_ids, read_column, stage1_manifests
 from projection.align.baselines import fit_baselines
@@ -131,7 +132,7 @@ def check_inputs(params: AlignParams) -> tuple:
     return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
-@flow(name="align", log_prints=True)
+@flow(name="align", log_prints=True, **FLOW_RESULTS)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
     runs.tracking_uri(params.tracking_uri)

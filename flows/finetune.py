@@ -29,6 +29,7 @@ from encoders.manifest import Manifest, ManifestError
 from encoders.store import EmbeddingStore
 from flows.tracking import reporting
 from flows.tracking import runs
+from flows.errors import FLOW_RESULTS
 from flows.extract import _key
 from projection.align.config import SplitConfig
 from projection.align.data import load_split, make_split
@@ -223,7 +224,7 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
                           out.before["metric"], out.after["metric"], out.run_id)
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, **FLOW_RESULTS)
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
     cfg = params.config

@@ -21,6 +21,7 @@ from flows.tracking import reporting
 
 from flows.tracking import runs
 from flows.align import AlignParams, ProjectorParams, align
+from flows.errors import FLOW_RESULTS
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
 from projection.align.config import BaselineConfig, LossConfig, SplitConfig, TrainConfig
@@ -133,7 +134,7 @@ def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict |
     return [src, tgt] + ([cls] if cls else []), stage1, stage2
 
 
-@flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
+@flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name, **FLOW_RESULTS)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
     from prefect.runtime import flow_run
@@ -189,7 +190,7 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
     return "".join(md)
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, **FLOW_RESULTS)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
     dataset = extracts[0]["dataset"] if extracts else "data"
