@@ -55,9 +55,26 @@ ON_PREFECT := $(QUIET) PREFECT_API_URL=$(PREFECT_API) PREFECT_UI_API_URL=$(PREFE
 prefect-server: env
 	$(ON_PREFECT) exec $(VENV)/bin/prefect server start --host $(HOST) --port $(PREFECT_PORT)
 
+# `prefect work-pool create --type process` asks the server for Prefect's collection registry, which the server
+# fetches from raw.githubusercontent.com (falling back to its bundled copy; seen by tests/test_servers_as_documented.py). The pool
+# is created through the API instead, with the process worker's own default job template (what the CLI sends).
+define CREATE_POOL
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.workers.process import ProcessWorker
+with get_client(sync_client=True) as client:
+    try:
+        client.create_work_pool(WorkPoolCreate(name="$(POOL)", type="process",
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+        print("created work pool $(POOL)")
+    except ObjectAlreadyExists:
+        print("work pool $(POOL) exists")
+endef
+export CREATE_POOL
+
 deploy: env
-	$(ON_PREFECT) $(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
-	    $(ON_PREFECT) $(VENV)/bin/prefect work-pool create $(POOL) --type process
+	$(ON_PREFECT) $(PY) -c "$$CREATE_POOL"
 	$(ON_PREFECT) $(VENV)/bin/prefect --no-prompt deploy --all
 
 worker: env
