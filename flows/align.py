@@ -31,6 +31,7 @@ from flows.tracking import reporting
 from flows.tracking import recovery
 from flows.tracking import served
 from flows.tracking import runs
+from flows.errors import FLOW_RESULTS
 from flows.extract import _key
 from flows.errors import check_paths
 from flows.tracking import runlog
@@ -137,7 +138,7 @@ def check_inputs(params: AlignParams) -> tuple:
     return src, tgt, pairs, pcfg, ids, split, task if semi is None else task | {"semi": semi}
 
 
-@flow(name="align", log_prints=True, flow_run_name=runlog.align_name)
+@flow(name="align", log_prints=True, flow_run_name=runlog.align_name, **FLOW_RESULTS)
 def align(params: AlignParams) -> dict:
     """Train a stage-1 projector source -> target and report it beside closed-form baselines."""
     check_paths(source_store=params.source_store, target_store=params.target_store, class_store=params.class_store,

@@ -31,6 +31,7 @@ from encoders.manifest import Manifest, ManifestError
 from flows.tracking import reporting
 from flows.tracking.runlog import reported
 from flows.tracking import runs
+from flows.errors import FLOW_RESULTS
 from flows.extract import _key
 from projection.align.config import SplitConfig
 from projection.contrastive.config import ContrastiveConfig
@@ -207,7 +208,7 @@ class TowersResult:
 RANDOM_INIT = "random-init (same towers, untrained)"
 
 
-@flow(name="contrastive-train", log_prints=True)
+@flow(name="contrastive-train", log_prints=True, **FLOW_RESULTS)
 def contrastive_train(params: ContrastiveParams) -> dict:
     """Train two (or one shared) image towers contrastively; report held-out retrieval vs the random-init towers."""
     cfg, a, b = params.config, params.column_a, params.column_b

@@ -75,3 +75,11 @@ def check_paths(**named: str | None) -> None:
         if path and not Path(path).exists():
             # str(exc): "[Errno 2] manifest does not exist (working folder /srv/xmodal): 'data/m.csv'"
             raise FileNotFoundError(errno.ENOENT, f"{field} does not exist (working folder {Path.cwd()})", path)
+
+
+# Every flow decorator takes these. Prefect 3.8 writes a failed flow run's exception to its result storage
+# (~/.prefect/storage, PREFECT_LOCAL_STORAGE_PATH) whatever `persist_result` says, with the flow's result
+# serializer: cloudpickle unless the flow names another. JSON stores the exception as its type's name and its
+# message (all a reader needs; the traceback is in the run's logs). persist_result=False: a successful run's
+# return value is passed in memory to its caller and never written (tests/flows/test_no_pickle_results.py).
+FLOW_RESULTS = {"result_serializer": "json", "persist_result": False}

@@ -240,7 +240,7 @@ def _store_summary(store: Path, manifest: Manifest, column: str, shard_results: 
     }
 
 
-@flow(name="extract_sharded", log_prints=True)
+@flow(name="extract_sharded", log_prints=True, **errors.FLOW_RESULTS)
 def extract_sharded(params: ExtractParams) -> dict:
     """One task per contiguous row range on the flow's (Dask) task runner, then one merged store.
 
@@ -307,7 +307,7 @@ def _extract_once(params: ExtractParams) -> dict:
     return s | {"task_seconds": time.perf_counter() - t0}  # what the extraction step cost this run
 
 
-@flow(name="extract_embeddings", log_prints=True, flow_run_name=runlog.extract_name)
+@flow(name="extract_embeddings", log_prints=True, flow_run_name=runlog.extract_name, **errors.FLOW_RESULTS)
 def extract_embeddings(params: ExtractParams) -> dict:
     """Embed one manifest column with one frozen encoder; returns the store summary and MLflow run id."""
     check_paths(manifest=params.manifest)

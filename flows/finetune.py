@@ -29,6 +29,7 @@ from encoders.manifest import Manifest, ManifestError
 from encoders.store import EmbeddingStore
 from flows.tracking import reporting
 from flows.tracking import runs
+from flows.errors import FLOW_RESULTS
 from flows.extract import _key
 from flows.errors import check_paths
 from flows.tracking import runlog
@@ -237,7 +238,7 @@ def _report(out: StageTwoResult, run_name: str, unfreeze: str, dataset: str, tas
                           out.before["metric"], out.after["metric"], out.run_id)
 
 
-@flow(name="finetune", log_prints=True, flow_run_name=runlog.finetune_name)
+@flow(name="finetune", log_prints=True, flow_run_name=runlog.finetune_name, **FLOW_RESULTS)
 def finetune(params: FinetuneParams) -> dict:
     """Fine-tune encoder (per policy) + stage-1 projector + task head; report before/after and forgetting."""
     check_paths(projector_dir=params.projector_dir, manifest=params.manifest, split_csv=params.split_csv,

@@ -8,7 +8,6 @@ Each stage is its own flow and its own nested MLflow run, logging exactly as it 
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +22,7 @@ from flows.errors import check_paths
 from flows.tracking import reporting
 from flows.tracking import runs
 from flows.align import AlignParams, ProjectorParams, align
+from flows.errors import FLOW_RESULTS
 from flows.extract import ExtractParams, _key, extract_embeddings
 from flows.finetune import FinetuneParams, finetune
 from projection.align.config import BaselineConfig, LossConfig, SplitConfig, TrainConfig
@@ -142,7 +142,7 @@ def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict |
     return [src, tgt] + ([cls] if cls else []), stage1, stage2
 
 
-@flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name)
+@flow(name="pipeline", log_prints=True, flow_run_name=_flow_run_name, **FLOW_RESULTS)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Extract both modalities, align them, optionally fine-tune, and evaluate: one parent MLflow run."""
     from prefect.runtime import flow_run
@@ -156,8 +156,9 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
 
     dataset = Manifest.read(c.manifest).name
     experiment = c.experiment or f"xmodal-pipeline-{dataset}"
-    # the label alone repeats from run to run; the time and the Prefect flow run's id tell runs apart
-    run_name = c.run_name or f"{run_label(c, dataset)} · {datetime.now():%m-%d %H:%M:%S} · {str(flow_run.id or '')[:8]}"
+    # MLflow's runs table shows ~20 characters of a name: what differs (columns, projector, stage 2 as +s2); the
+    # experiment names the dataset, the Created column tells reruns apart, the tags name the Prefect flow run
+    run_name = c.run_name or f"{c.source_column}→{c.target_column} {c.align.projector.kind}{'+s2' if c.finetune.enabled else ''}"
     with runs.stage_run("pipeline", dataset, run_name, experiment=experiment,
                             tags={"prefect.flow_run_id": str(flow_run.id)}, work=f"pipeline:{c.model_dump_json()}",
                             params=runs.flatten(c.model_dump(mode="json"))) as run:  # the whole config, as run
@@ -169,12 +170,28 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
             from flows.tracking.promote import promote
 
             registered = promote(stage1["run_id"], c.register_model, c.register_alias)
+        summary_md = summary_markdown(pid, extracts, stage1, stage2, registered)
+        _summary_to_parent(run, stage1["run_id"], summary_md)
     # the summary belongs to the pipeline's own flow run (its Artifacts tab), not to a subflow
-    create_markdown_artifact(summary_markdown(pid, extracts, stage1, stage2, registered), key=_key("pipeline-summary"))
+    create_markdown_artifact(summary_md, key=_key("pipeline-summary"))
     runs.link_artifact(pid, _key("pipeline-mlflow"))
     logger.info("pipeline finished: MLflow parent run %s", pid)
     return {"parent_run_id": pid, "extract": extracts, "align": stage1, "finetune": stage2, "summary": summary,
             "registered": registered}
+
+
+def _summary_to_parent(run: runs.StageRun, stage1_run_id: str, summary_md: str) -> None:
+    """The parent is the run a user opens first: it holds the summary and stage 1's tables and plots (copies of
+    the align run's CSV and PNG files, under stage1/), not only params and headline metrics."""
+    import tempfile
+
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "summary.md").write_text(summary_md)
+        run.log_file(Path(d) / "summary.md")
+        for art in client.list_artifacts(stage1_run_id):
+            if not art.is_dir and art.path.endswith((".csv", ".png")) and art.path != "split.csv":
+                run.log_file(client.download_artifacts(stage1_run_id, art.path, d), "stage1")
 
 
 def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, stage2: dict | None,
@@ -182,7 +199,7 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
     """Stores, stage 1 beside its baselines, stage 2 before/after, and where the MLflow run is."""
     uri = mlflow.get_tracking_uri()
     run = mlflow.MlflowClient().get_run(parent_run_id)
-    link = (f"[{run.info.run_name}]({uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{parent_run_id})"
+    link = (f"[{run.info.run_name}]({runs.run_url(uri, run.info.experiment_id, parent_run_id)})"
             if uri.startswith(("http://", "https://")) else f"`{parent_run_id}` in {uri} (open with `mlflow ui`)")
     origins = stage1["weights_origin"]
     md = [f"### xmodal pipeline: {run.info.run_name}\n\nMLflow parent run: {link}\n\n**Stores**\n\n"
@@ -199,7 +216,7 @@ def summary_markdown(parent_run_id: str, extracts: list[dict], stage1: dict, sta
     return "".join(md)
 
 
-@flow(name="evaluate", log_prints=True, flow_run_name=runlog.evaluate_name)
+@flow(name="evaluate", log_prints=True, flow_run_name=runlog.evaluate_name, **FLOW_RESULTS)
 def evaluate(parent_run_id: str, experiment: str, stage1: dict, stage2: dict | None, extracts: list[dict]) -> dict:
     """The final evaluation: one table of every stage's held-out numbers, in its own child run and the parent."""
     dataset = extracts[0]["dataset"] if extracts else "data"

@@ -124,7 +124,7 @@ def link_artifact(run_id: str, key: str) -> None:
     from prefect.artifacts import create_link_artifact
 
     run = MlflowClient().get_run(run_id)
-    create_link_artifact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
+    create_link_artifact(run_url(uri, run.info.experiment_id, run_id),
                          link_text=f"MLflow run {run.info.run_name or run_id}", key=key)
 
 
@@ -166,6 +166,18 @@ def log_store_input(store, context: str) -> None:
     ds = mlflow.data.from_numpy(np.zeros((0, store.dim), np.float32), source=StoreSource(str(store.path)),
                                 name=Path(store.path).stem[:60], digest=store.digest)
     mlflow.log_input(ds, context=context)
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """An experiment's runs table in the MLflow UI (see run_url)."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, in its machine-learning view: MLflow 3.17's UI picks GenAI or ML from the
+    URL's workflowType, else from the browser's stored choice (GenAI in a fresh browser), not from the
+    experiment's tags (tests/test_mlflow_ui_browser.py)."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ def test_runs_that_differ_in_projector_kind_are_named_and_logged_apart(two_kinds
     parents = {k: client.get_run(r["parent_run_id"]) for k, (_, r) in two_kinds.items()}
     names = {k: p.info.run_name for k, p in parents.items()}
     assert names["linear"] != names["mlp"] and all(k in n for k, n in names.items())
+    assert all(len(n) <= 24 for n in names.values()), names  # MLflow's runs table shows ~21 characters
+    for parent in parents.values():  # the run a user opens first holds the summary, tables and plots
+        files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        files |= {a.path for a in client.list_artifacts(parent.info.run_id, "stage1")}
+        assert {"summary.md", "stage1/metrics.csv", "stage1/loss_curve.png", "stage1/similarity.png"} <= files, files
     params = {k: p.data.params for k, p in parents.items()}
     assert (params["linear"]["align.projector.kind"], params["mlp"]["align.projector.kind"]) == ("linear", "mlp")
     differ = {key for key in params["mlp"] if params["mlp"][key] != params["linear"].get(key)}
