@@ -79,10 +79,11 @@ class Gallery:
         if not manifest_path or not column or not Path(manifest_path).is_file():
             return [None] * self.store.n
         from encoders.manifest import Manifest
+        from projection.search.exact import looks_like_image_path
 
         m = Manifest.read(manifest_path)
-        if column not in m.frame.columns:
-            return [None] * self.store.n
+        if column not in m.frame.columns or not looks_like_image_path(str(m.frame[column].iloc[0])):
+            return [None] * self.store.n  # a text column (a caption gallery): no files to show
         by_id = dict(zip(m.frame["id"], m.values(column, "image")))
         return [Path(by_id[i]) if by_id.get(i) else None for i in self.ids]
 

@@ -85,14 +85,15 @@ def fashion_search(prefect_server, mlflow_uri, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(fashion_search):
+def server(fashion_search, tmp_path_factory):
     f = fashion_search
     gallery, sketch_proj, text_proj, caption_store = f["gallery"], f["sketch_projector"], f["text_projector"], f["caption_store"]
     port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve-search.log"  # a file, not a pipe nobody reads (it would fill)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-search", gallery, "--sketch-projector", sketch_proj,
                              "--text-projector", text_proj, "--text-encoder", caption_store, "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -102,7 +103,7 @@ def server(fashion_search):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"serve-search did not come up:\n{proc.stdout.read()[-3000:]}")
+                pytest.fail(f"serve-search did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
     yield url, info
     proc.terminate()
