@@ -21,5 +21,5 @@ rng = np.random.default_rng(0)
 ids = [f"r{i}" for i in range(60)]
 src = make_store(out / "src.h5", ids, rng.normal(size=(60, 8)).astype(np.float32))
 tgt = make_store(out / "tgt.h5", ids, rng.normal(size=(60, 6)).astype(np.float32))
-align(AlignParams(source=src, target=tgt, train={"epochs": 2}, out_dir=str(out / "align")))
+align(AlignParams(source_store=src, target_store=tgt, train={"epochs": 2}, out_dir=str(out / "align")))
 print("telemetry disabled:", telemetry.is_telemetry_disabled())

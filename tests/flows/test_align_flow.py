@@ -19,7 +19,7 @@ from tests_support import make_store
 def digits_run(digits_stores, tmp_path_factory):
     """Default settings, as a new user runs it."""
     out = tmp_path_factory.mktemp("align")
-    return align(AlignParams(source=digits_stores["image"], target=digits_stores["caption"], label_column="label",
+    return align(AlignParams(source_store=digits_stores["image"], target_store=digits_stores["caption"], label_column="label",
                              class_store=digits_stores["classes"], out_dir=str(out)))
 
 
@@ -70,20 +70,20 @@ def test_bad_stores_are_clear_errors_naming_store_and_problem(prefect_server, ml
     other = make_store(tmp_path / "other.h5", [f"z{k}" for k in range(40)], rng.normal(size=(40, 6)).astype(np.float32))
     fast = {"epochs": 1}
     with pytest.raises(StoreError, match=r"a\.h5 and .*other\.h5 share no ids"):
-        align(AlignParams(source=a, target=other, train=fast, out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=other, train=fast, out_dir=str(tmp_path)))
     with pytest.raises(StoreError, match=r"d_in=16 disagrees with store .*a\.h5 \(dim 8\)"):
-        align(AlignParams(source=a, target=b, projector={"d_in": 16}, train=fast, out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=b, projector={"d_in": 16}, train=fast, out_dir=str(tmp_path)))
     nan = rng.normal(size=(40, 6)).astype(np.float32)
     nan[7, 2] = np.nan
     bad = make_store(tmp_path / "nan.h5", ids, nan)
     with pytest.raises(ValueError, match=r"nan\.h5.*i7|i7.*nan\.h5"):
-        align(AlignParams(source=a, target=bad, train=fast, out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=bad, train=fast, out_dir=str(tmp_path)))
     # a store whose ids and embeddings disagree in count (a truncated or hand-edited file)
     broken = make_store(tmp_path / "broken.h5", ids, rng.normal(size=(40, 6)).astype(np.float32))
     with h5py.File(broken, "r+") as f:
         f["embeddings"].resize(30, axis=0)
     with pytest.raises(StoreError, match=r"broken\.h5 is inconsistent: 40 ids, 30 embedding rows"):
-        align(AlignParams(source=a, target=broken, train=fast, out_dir=str(tmp_path)))
+        align(AlignParams(source_store=a, target_store=broken, train=fast, out_dir=str(tmp_path)))
 
 
 def test_streaming_path_trains_from_chunks_when_pairs_exceed_the_memory_budget(prefect_server, mlflow_uri, tmp_path):
@@ -92,7 +92,7 @@ def test_streaming_path_trains_from_chunks_when_pairs_exceed_the_memory_budget(p
     y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
     ids = [f"s{k}" for k in range(600)]
     a, b = make_store(tmp_path / "a.h5", ids, x), make_store(tmp_path / "b.h5", ids, y)
-    out = align(AlignParams(source=a, target=b, in_memory_max_gb=1e-6, train={"epochs": 30, "batch_size": 32},
+    out = align(AlignParams(source_store=a, target_store=b, in_memory_max_gb=1e-6, train={"epochs": 30, "batch_size": 32},
                             out_dir=str(tmp_path)))
     run = MlflowClient().get_run(out["run_id"])
     assert run.data.params["in_memory"] == "False"

@@ -46,7 +46,7 @@ def labelled(tmp_path):
 
 
 def test_string_labels_from_another_manifest_give_zero_shot_class_r1_and_transfer(prefect_server, mlflow_uri, labelled):
-    out = align(AlignParams(source=labelled["source"], target=labelled["target"], label_column="species",
+    out = align(AlignParams(source_store=labelled["source"], target_store=labelled["target"], label_column="species",
                             label_manifest=labelled["labels"], class_store=labelled["classes"], train=FAST,
                             out_dir=str(labelled["out"])))
     m = out["metrics"]
@@ -72,18 +72,18 @@ def test_wrong_label_column_is_one_line_and_leaves_nothing(labelled):
     frame.loc[0, "species"] = "fox"  # a class with no prompt, wherever its id falls in the split
     frame.to_csv(labelled["labels"], index=False)
     with pytest.raises(ManifestError, match=r"labels \['fox'\] in column 'species' have no prompt"):
-        align.fn(AlignParams(source=labelled["source"], target=labelled["target"], label_column="species",
+        align.fn(AlignParams(source_store=labelled["source"], target_store=labelled["target"], label_column="species",
                              label_manifest=labelled["labels"], class_store=labelled["classes"], train=FAST,
                              out_dir=str(labelled["out"])))
     assert not labelled["out"].exists()
 
 
 def test_a_failed_run_leaves_no_folder_and_keeps_the_latest(prefect_server, mlflow_uri, labelled):
-    good = align(AlignParams(source=labelled["source"], target=labelled["target"], train=FAST, out_dir=str(labelled["out"])))
+    good = align(AlignParams(source_store=labelled["source"], target_store=labelled["target"], train=FAST, out_dir=str(labelled["out"])))
     (latest,) = labelled["out"].glob("*-latest")
     before = (latest / "source_run.txt").read_text()
     with pytest.raises(RuntimeError):  # fails inside the run, after its folder was made
-        align(AlignParams(source=labelled["source"], target=labelled["target"], train=FAST | {"device": "nonexistent"},
+        align(AlignParams(source_store=labelled["source"], target_store=labelled["target"], train=FAST | {"device": "nonexistent"},
                           out_dir=str(labelled["out"])))
     folders = sorted(p.name for p in labelled["out"].iterdir())
     assert folders == sorted([latest.name, good["run_dir"].rsplit("/", 1)[1]])

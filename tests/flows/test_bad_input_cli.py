@@ -91,14 +91,14 @@ def test_tiny_stores_are_refused_before_training_and_latest_is_kept(prefect_serv
                 make_store(folder / "tgt.h5", ids, rng.normal(size=(n, 6)).astype(np.float32)))
 
     src, tgt = stores(tmp_path / "good", 60)
-    first = align(AlignParams(source=src, target=tgt, train={"epochs": 2}, out_dir=str(out_dir)))
+    first = align(AlignParams(source_store=src, target_store=tgt, train={"epochs": 2}, out_dir=str(out_dir)))
     latest = next(out_dir.glob("*-latest"))
     before = (latest / "source_run.txt").read_text()
     assert before.strip() == first["run_dir"]
 
     src, tgt = stores(tmp_path / "tiny", rows)
     with pytest.raises(SplitTooSmall) as err:
-        align(AlignParams(source=src, target=tgt, train={"epochs": 2}, out_dir=str(out_dir)))
+        align(AlignParams(source_store=src, target_store=tgt, train={"epochs": 2}, out_dir=str(out_dir)))
     assert f"{rows} pairs are too few to split" in str(err.value) and "split would be empty" in str(err.value)
     assert "test" in str(err.value).split("the ")[-1]
     assert (latest / "source_run.txt").read_text() == before

@@ -21,7 +21,7 @@ def test_compare_prints_runs_with_different_projector_configs(prefect_server, ml
     y = np.tanh(x @ rng.normal(size=(8, 6))).astype(np.float32)
     ids = [f"p{i}" for i in range(300)]
     src, tgt = make_store(tmp_path / "src.h5", ids, x), make_store(tmp_path / "tgt.h5", ids, y)
-    runs = [align(AlignParams(source=src, target=tgt, projector=proj, train={"epochs": 3}, out_dir=str(tmp_path),
+    runs = [align(AlignParams(source_store=src, target_store=tgt, projector=proj, train={"epochs": 3}, out_dir=str(tmp_path),
                               experiment="xmodal-compare-test"))["run_id"]
             for proj in ({"kind": "linear"}, {"kind": "mlp", "hidden": 32})]
     table = compare_runs("xmodal-compare-test", last=5)

@@ -89,7 +89,7 @@ def promoted(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
     src = extract_embeddings(ExtractParams(manifest=str(manifest), column="image", encoder=spec, out_dir=str(d)))
     tgt = extract_embeddings(ExtractParams(manifest=str(manifest), column="caption", out_dir=str(d),
                                            encoder=f"hf:text:{gt.get_model_path()}?pooling=mean"))
-    stage1 = align(AlignParams(source=src["store"], target=tgt["store"], projector={"kind": "mlp", "hidden": 32},
+    stage1 = align(AlignParams(source_store=src["store"], target_store=tgt["store"], projector={"kind": "mlp", "hidden": 32},
                                train={"epochs": 2}, out_dir=str(d / "align"), experiment="xmodal-promote-test"))
     out = CliRunner().invoke(app, ["promote", stage1["run_id"], "--name", "digits-promote-test", "--alias", "champion"])
     assert out.exit_code == 0, out.output
