@@ -136,7 +136,7 @@ def child_align(args) -> dict:
     rss.phase = "join + split"
     t0 = time.perf_counter()
     out = fa.align(fa.AlignParams(
-        source=args.src, target=args.tgt, projector={"kind": args.kind}, split={"test_frac": args.test_frac},
+        source_store=args.src, target_store=args.tgt, projector={"kind": args.kind}, split={"test_frac": args.test_frac},
         # a cut epoch: one epoch, which is what the default 2000-step budget resolves to from 512k train pairs up
         train={"steps": args.train_steps} if args.train_steps else {"epochs": 1} if args.flow_steps else {},
         in_memory_max_gb=args.budget_gb, out_dir=str(Path(args.work) / "runs"),
