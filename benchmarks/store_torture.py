@@ -53,6 +53,23 @@ def spawn(store: Path, bs: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def reference(store: Path, bs: int) -> tuple[tuple, float, float]:
+    """An uninterrupted run: its content, its wall time, and how long its final assembly took.
+
+    The assembly's time sets how late a kill aimed at it may land: a fixed delay missed it on an idle
+    machine (the worker had finished) and caught it on a loaded one."""
+    t0 = time.perf_counter()
+    p = spawn(store, bs)
+    t_asm = None
+    for line in p.stdout:
+        if line.startswith("assembling"):
+            t_asm = time.perf_counter()
+    _, err = p.communicate()
+    assert p.returncode == 0 and t_asm is not None, err
+    end = time.perf_counter()
+    return content(store)[:3], end - t0, end - t_asm
+
+
 def content(path: Path) -> tuple[bytes, bytes, bytes, bool]:
     """(ids, embeddings, errors) as bytes, and ``complete``; raises if any of it cannot be read."""
     with h5py.File(path, "r") as f:
@@ -86,7 +103,8 @@ def kill(proc: subprocess.Popen, group: bool) -> None:
         pass
 
 
-def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref: tuple, run_s: float) -> dict:
+def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref: tuple, run_s: float,
+          asm_s: float = 0.3) -> dict:
     proc = spawn(store, bs)
     lines: list[str] = []
     last_batch = 0
@@ -109,7 +127,7 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
             if line.startswith("batch"):
                 last_batch = int(line.split()[1])
             if line.startswith("assembling"):
-                time.sleep(rng.uniform(0, 0.3))
+                time.sleep(rng.uniform(0, 0.6 * asm_s))  # within the assembly as the reference run timed it
                 kill(proc, group)
                 break
     else:
@@ -182,15 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="store-torture-"))
     t0 = time.perf_counter()
-    refs, run_s = {}, {}
+    refs, run_s, asm_s = {}, {}, {}
     for bs in sizes:
-        t = time.perf_counter()
-        p = spawn(root / f"ref-{bs}.h5", bs)
-        _, err = p.communicate()
-        assert p.returncode == 0, err
-        run_s[bs] = time.perf_counter() - t
-        refs[bs] = content(root / f"ref-{bs}.h5")[:3]
-        print(f"reference batch {bs}: {rows_for(bs)} rows in {BATCHES} batches, {run_s[bs]:.2f} s uninterrupted")
+        refs[bs], run_s[bs], asm_s[bs] = reference(root / f"ref-{bs}.h5", bs)
+        print(f"reference batch {bs}: {rows_for(bs)} rows in {BATCHES} batches, {run_s[bs]:.2f} s uninterrupted "
+              f"({asm_s[bs]:.2f} s assembling)")
     modes = ["commit", "random", "commit", "assembly"]
     results = []
     for i in range(args.trials):
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         mode, group = modes[i % len(modes)], (i // len(sizes)) % 2 == 1
         folder = root / f"t{i:04d}"
         folder.mkdir()
-        r = trial(folder / "s.h5", bs, mode, group, rng, refs[bs], run_s[bs]) | {"trial": i, "batch_size": bs}
+        r = trial(folder / "s.h5", bs, mode, group, rng, refs[bs], run_s[bs], asm_s[bs]) | {"trial": i, "batch_size": bs}
         results.append(r)
         if not r["identical"] or r["rerun_rc"] or r["unreadable_complete"] or r["lost_committed"] or r["leftovers"]:
             print(f"FAILED trial {i}: {json.dumps(r)}", flush=True)

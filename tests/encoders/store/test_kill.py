@@ -24,17 +24,15 @@ import store_torture  # noqa: E402
 @pytest.mark.timeout(900)
 def test_kill_9_twenty_times_in_a_row_every_rerun_is_identical_on_its_first_try(tmp_path):
     rng = random.Random(19)
-    refs, run_s = {}, {}
+    refs, run_s, asm_s = {}, {}, {}
     for bs in (8, 64):
-        p = store_torture.spawn(tmp_path / f"ref-{bs}.h5", bs)
-        assert p.wait() == 0
-        refs[bs], run_s[bs] = store_torture.content(tmp_path / f"ref-{bs}.h5")[:3], 1.0
+        refs[bs], run_s[bs], asm_s[bs] = store_torture.reference(tmp_path / f"ref-{bs}.h5", bs)
     passes = []
     for i in range(20):
         bs, mode = (8, 64)[i % 2], ("commit", "random", "commit", "assembly")[i % 4]
         folder = tmp_path / f"t{i}"
         folder.mkdir()
-        r = store_torture.trial(folder / "s.h5", bs, mode, i % 3 == 0, rng, refs[bs], run_s[bs])
+        r = store_torture.trial(folder / "s.h5", bs, mode, i % 3 == 0, rng, refs[bs], run_s[bs], asm_s[bs])
         assert r["killed"], r
         assert not r["unreadable_complete"] and not r["lost_committed"], r
         assert r["rerun_rc"] == 0 and r["identical"] and not r["leftovers"], r
