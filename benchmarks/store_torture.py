@@ -130,8 +130,15 @@ def trial(store: Path, bs: int, mode: str, group: bool, rng: random.Random, ref:
                 time.sleep(rng.uniform(0, 0.6 * asm_s))  # within the assembly as the reference run timed it
                 kill(proc, group)
                 break
-    else:
-        time.sleep(rng.uniform(0.1, 0.9 * run_s))  # anywhere from the interpreter's start to the assembly
+    else:  # anywhere in the run: after a random number of committed batches, a random part of the next one
+        target, batch_s = rng.randint(0, BATCHES - 1), max(run_s - asm_s, 0.01) / BATCHES
+        for line in ([] if target == 0 else proc.stdout):
+            lines.append(line.strip())
+            if line.startswith("batch"):
+                last_batch = int(line.split()[1])
+                if last_batch >= target * rows_for(bs) // BATCHES:
+                    break
+        time.sleep(rng.uniform(0, batch_s))
         kill(proc, group)
     rest, _ = proc.communicate()
     for line in rest.splitlines():
