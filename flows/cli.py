@@ -110,10 +110,18 @@ def add_flow_command(app: typer.Typer, spec: FlowCommand) -> None:
     def run(**values: Any) -> None:
         config = {k: (json.loads(v) if isinstance(v, str) and get_origin(top[k].annotation) in (dict, list) else v)
                   for k, v in values.items() if k != "set_" and v is not None}
-        params_obj = model.model_validate(apply_sets(config, values.get("set_") or []))
-        if spec.check:
-            getattr(module, spec.check)(params_obj)  # bad input fails here, in one line, before any run exists
-        getattr(module, spec.flow)(params_obj)
+        from flows import errors
+
+        try:
+            params_obj = model.model_validate(apply_sets(config, values.get("set_") or []))
+            if spec.check:
+                getattr(module, spec.check)(params_obj)  # bad input fails here, in one line, before any run exists
+            getattr(module, spec.flow)(params_obj)
+        except Exception as exc:  # the user's to fix: one line and exit code 2, however the command was invoked
+            if not errors.is_user_error(exc):
+                raise
+            typer.echo(f"xmodal: error: {errors.one_line(exc)}", err=True)
+            raise typer.Exit(2) from None
 
     run.__signature__ = inspect.Signature(params)
     run.__annotations__ = {p.name: p.annotation for p in params}

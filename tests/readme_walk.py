@@ -27,7 +27,7 @@ from pathlib import Path
 
 MARK = re.compile(r"<!--\s*readme-test:\s*(server|skip|not)\s*(?::\s*(.*?))?\s*-->")
 # commands that start a server and never return on their own
-SERVER_CMD = re.compile(r"^(\w+=\S+ )*(make (prefect-server|worker|ui)\b|\S*mlflow (models serve|server|ui)\b|\S*prefect (server|worker) start\b)")
+SERVER_CMD = re.compile(r"^(\w+=\S+ )*(make (prefect-server|worker|ui)\b|\S*xmodal serve-search\b|\S*mlflow (models serve|server|ui)\b|\S*prefect (server|worker) start\b)")
 
 
 @dataclass

@@ -197,9 +197,15 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_
     assert {r.data.tags["xmodal.stage"] for r in children} == {"extract", "align", "evaluate"}
     align_run = next(r for r in children if r.data.tags["xmodal.stage"] == "align")
     assert align_run.data.metrics["test_p2t_r1"] == pytest.approx(result["align"]["metrics"]["projector"]["p2t_r1"])
+    import pandas as pd
+
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model(f"runs:/{align_run.info.run_id}/projector")  # safetensors + JSON, no pickle
-    assert model.predict(np.zeros((2, 64), np.float32)).shape == (2, 384)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{align_run.info.run_id}/projector")  # safetensors + JSON, no pickle
+        rows = pd.DataFrame({"embedding": list(np.zeros((2, 64), np.float32))})  # source embeddings: the projector alone
+        assert np.asarray(model.predict(rows)).shape == (2, 384)
+    finally:  # the server stops with this test; later tests must not inherit it as MLflow's tracking URI
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
