@@ -102,3 +102,11 @@ def last_json_line(text: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError(f"no JSON line in child output:\n{text[-2000:]}")
+
+
+def default_threads() -> int:
+    """The cores this process may use (its affinity), which is what a thread count should follow."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

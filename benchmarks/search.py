@@ -31,14 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import LOADS, emit_json, peak_rss_mib, phase  # noqa: E402
+from benchmarks._common import LOADS, default_threads, emit_json, peak_rss_mib, phase  # noqa: E402
 
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def clustered(rng, n: int, centres, spread: float):

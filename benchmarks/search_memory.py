@@ -34,14 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import LOADS, ROOT, emit_json, last_json_line, peak_rss_mib, phase, rss_mib  # noqa: E402
+from benchmarks._common import LOADS, default_threads, ROOT, emit_json, last_json_line, peak_rss_mib, phase, rss_mib  # noqa: E402
 
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def make_queries(store_path: str, n_queries: int, seed: int = 1):
