@@ -68,3 +68,37 @@ def test_bad_stage2_inputs_are_clear_errors(digits_pipeline, sample_data, tmp_pa
     params = _finetune_params(digits_pipeline, sample_data).model_copy(update={"manifest": str(m)})
     with pytest.raises(ValueError, match=r"label\(s\) \[9\] in the (val|test) split never occur in training"):
         finetune(params)
+
+
+def test_kill_9_of_finetune_then_rerun_marks_the_killed_run(digits_pipeline, sample_data, mlflow_uri, tmp_path):
+    """Stage 2 claims its run folder's work like stage 1: a run killed with -9 is marked KILLED when the rerun
+    resumes it, and the rerun links it (issue 19)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from flows.tracking.recovery import RESUMED_FROM
+    from tests_support import ROOT, kill_9_after_first_checkpoint
+
+    stage1 = digits_pipeline["align"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=mlflow_uri)
+    env.pop("PREFECT_API_URL", None)
+    args = [sys.executable, "-m", "flows.cli", "finetune", stage1["projector_dir"], "--manifest", str(sample_data["digits"]),
+            "--source-column", "image", "--source-encoder", f"open_clip:image:{TINY_RN}?batch_size=128",
+            "--split-csv", f"{stage1['run_dir']}/split.csv", "--set", "config.epochs=40", "--set", "config.patience=40",
+            "--experiment", "xmodal-finetune-kill", "--out-dir", str(tmp_path / "ft")]
+    victim = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not list((tmp_path / "ft").glob("*/ckpt-before")):  # unfreeze 'none': the one training is the head's
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else ""
+        time.sleep(0.05)
+    ckpt = next((tmp_path / "ft").glob("*/ckpt-before")) / "finetune_checkpoint.pt"
+    kill_9_after_first_checkpoint(victim, ckpt, timeout=600)
+    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xmodal-finetune-kill").experiment_id])
+    by_status = {r.info.status: r for r in runs}
+    assert len(runs) == 2 and set(by_status) == {"KILLED", "FINISHED"}, [r.info.status for r in runs]
+    assert by_status["FINISHED"].data.tags[RESUMED_FROM] == by_status["KILLED"].info.run_id
