@@ -54,7 +54,7 @@ def test_mlflow_run_holds_params_stepped_metrics_plots_and_a_reloadable_model(di
     split = pd.read_csv(client.download_artifacts(run.info.run_id, "split.csv"))
     test_ids = split.loc[split["split"] == "test", "id"].tolist()
     src, tgt = EmbeddingStore(digits_stores["image"]), EmbeddingStore(digits_stores["caption"])
-    pred = model.predict(src.get(test_ids))  # (N, D_src) embeddings in: the projector alone
+    pred = np.asarray(model.predict(pd.DataFrame({"embedding": list(src.get(test_ids))})))  # the projector alone
     captions = pd.read_csv(tgt.attrs["manifest_path"], dtype={"id": str}).set_index("id").loc[test_ids, "caption"]
     again = alignment_metrics(pred, tgt.get(test_ids), groups=captions.tolist())  # the same caption is one target
     logged = run.data.metrics
