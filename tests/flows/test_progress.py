@@ -36,7 +36,7 @@ def test_a_slowed_stage2_logs_progress_at_least_once_per_interval(prefect_server
     done_at = []  # when each optimizer step finished: the loop can only report between steps
 
     def slow_step(*args, **kwargs):  # a step as slow as a big encoder's, relative to the interval
-        time.sleep(0.25)
+        time.sleep(0.5)  # 16 steps: a fine-tuning of ~8 s, many 1 s intervals long whatever else the machine does
         out = real_step(*args, **kwargs)
         done_at.append(time.time())
         return out

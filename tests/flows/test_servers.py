@@ -177,11 +177,21 @@ def mlflow_server(tmp_path_factory):
                              "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
                              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
                             stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 240)  # its sqlite migration is slow on a busy machine
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
+        # A flow given this server as tracking_uri calls mlflow.set_tracking_uri, which also sets the environment
+        # variable: later tests would inherit a stopped server. Put back what the session had.
+        import mlflow
+
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.mark.server
@@ -199,13 +209,10 @@ def test_pipeline_logs_to_a_real_mlflow_server_over_http(prefect_server, mlflow_
     assert align_run.data.metrics["test_p2t_r1"] == pytest.approx(result["align"]["metrics"]["projector"]["p2t_r1"])
     import pandas as pd
 
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{align_run.info.run_id}/projector")  # safetensors + JSON, no pickle
-        rows = pd.DataFrame({"embedding": list(np.zeros((2, 64), np.float32))})  # source embeddings: the projector alone
-        assert np.asarray(model.predict(rows)).shape == (2, 384)
-    finally:  # the server stops with this test; later tests must not inherit it as MLflow's tracking URI
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    mlflow.set_tracking_uri(mlflow_server)  # the mlflow_server fixture puts the session's URI back
+    model = mlflow.pyfunc.load_model(f"runs:/{align_run.info.run_id}/projector")  # safetensors + JSON, no pickle
+    rows = pd.DataFrame({"embedding": list(np.zeros((2, 64), np.float32))})  # source embeddings: the projector alone
+    assert np.asarray(model.predict(rows)).shape == (2, 384)
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
