@@ -122,12 +122,26 @@ def test_store_torture_benchmark_runs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_scale_benchmark_runs(tmp_path):
-    r = _run("scale.py", "--pairs", "10000", "--mem-pairs", "0", "--budget-gb", "0.001", "--bare-steps", "30",
-             "--flow-steps", "30", "--mem-steps", "30", "--work", str(tmp_path / "scale"), tmp_path=tmp_path)
+    r = _run("scale.py", "--pairs", "10000", "--speed-pairs", "10000", "--mem-pairs", "0", "--budget-gb", "0.001",
+             "--speed-budget-gb", "0.001", "--flow-steps", "30", "--block", "5", "--blocks", "2", "--warm", "5",
+             "--work", str(tmp_path / "scale"), tmp_path=tmp_path)
     flow = r["flow"]  # (d), the in-memory linear align, is the same child with other arguments: not run here
-    assert flow["steps"] == 30 and [b["steps"] for b in r["bare"]] == [30, 30]  # the flow's epoch was cut as asked
-    assert r["ratio_flow_over_bare"] == pytest.approx(flow["steps_per_s"] / r["bare_steps_per_s_mean"], rel=2e-3)
+    assert flow["steps"] == 30 and flow["train_set"] == "ChunkedPairs" and not flow["in_memory"]  # cut as asked, streamed
     assert r["meets_goal"]["rss_le_2x_budget"] == (flow["peak_rss_mib"] <= 2 * 0.001 * 1024)  # False at this toy budget
     assert {"baselines", "projector (fit stats, train, val)", "evaluation (test ranks)"} <= set(flow["rss_by_phase_mib"])
     assert flow["code"].startswith(str(ROOT)) and flow["peak_rss_mib"] > 0
     assert flow["test_p2t_r1"]["ridge"] > 0.5  # the stores hold a learnable map, read back through the flow
+    # (c) the flow's own loop (streamed, over the same stores) and the bare loop took turns, block by block
+    s = r["speed"]
+    assert s["streamed"] and s["train_set"] == "ChunkedPairs" and s["blocks_each"] == 2 and s["block"] == 5
+    assert len(s["flow_block_s"]) == len(s["bare_block_s"]) == len(s["ratio_pairs"]) == 2
+    # the headline rates are the blocks' steps over the blocks' time, and the ratio is theirs
+    assert s["flow_steps_per_s"] == pytest.approx(10 / sum(s["flow_block_s"]), rel=0.02)
+    assert s["bare_steps_per_s"] == pytest.approx(10 / sum(s["bare_block_s"]), rel=0.02)
+    assert s["ratio_flow_over_bare"] == pytest.approx(s["flow_steps_per_s"] / s["bare_steps_per_s"], rel=2e-3)
+    assert r["meets_goal"]["steps_ge_0.9x_bare"] == (s["ratio_flow_over_bare"] >= 0.9)
+    # one step of the 1280 -> 1024 -> 384 MLP beside a frozen 1280 -> 384 path, batch 256: the forward alone is
+    # 2 * 256 * (1280 * 1024 + 1024 * 384 + 1280 * 384) FLOPs; backward adds about as much again
+    forward = 2 * 256 * (1280 * 1024 + 1024 * 384 + 1280 * 384)
+    assert 1.5 * forward < s["flops_per_step"] < 3 * forward
+    assert s["flop_limit_steps_per_s"] == pytest.approx(s["gemm_peak_gflops"] * 1e9 / s["flops_per_step"], rel=0.01)
