@@ -110,3 +110,18 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def gemm_peak() -> float:
+    """Best fp32 FLOP/s of a few GEMMs (the stage-1 MLP step's shapes among them): what this CPU could do just now."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((1024, 1024, 1024), (256, 1280, 1024), (256, 1024, 1280)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best

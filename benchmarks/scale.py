@@ -31,7 +31,6 @@ usage: python benchmarks/scale.py [--pairs 1000000] [--speed-pairs 200000] [--me
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_json, last_json_line, loadavg, peak_rss_mib, rss_mib  # noqa: E402
+from _common import emit_json, gemm_peak, last_json_line, loadavg, peak_rss_mib, rss_mib  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -242,21 +241,6 @@ def bare_stream(src: str, tgt: str, test_frac: float, total: int, counted: dict)
                 else:
                     step(x[b : b + 256], y[b : b + 256])
                 yield
-
-
-def gemm_peak() -> float:
-    """Best fp32 FLOP/s of a few GEMMs, the step's own shapes among them: what this CPU could do just now."""
-    import torch
-
-    best = 0.0
-    for m, k, n in ((1024, 1024, 1024), (256, 1280, 1024), (256, 1024, 1280)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - t0))
-    return best
 
 
 class Interleave:

@@ -13,6 +13,7 @@ from pydantic import Field, create_model
 from typer.main import get_command
 from typer.testing import CliRunner
 
+from data import fashion_mnist
 from encoders.store import StoreWriter
 from flows.cli import FLOW_COMMANDS, _is_model, app, apply_sets, nested_fields
 
@@ -133,3 +134,21 @@ def test_build_data_takes_the_fashion_size():
     assert out.exit_code == 0 and "--fashion" in out.output and "70,000" in out.output
     bad = CliRunner().invoke(app, ["build-data", "--fashion", "many"])
     assert bad.exit_code == 2 and "--fashion" in bad.output
+
+
+@pytest.mark.slow  # ~1 min: 140,000 PNGs (image + sketch) written
+@pytest.mark.skipif(fashion_mnist.locate_idx(fetch=False) is None,
+                    reason="Debian dataset-fashion-mnist not on this machine (run `python -m data.build` once)")
+def test_build_data_fashion_0_builds_all_70000_rows(tmp_path):
+    """`xmodal build-data --fashion 0` writes the whole set: both IDX splits, every class, every file."""
+    import pandas as pd
+
+    res = CliRunner().invoke(app, ["build-data", "--fashion", "0", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert f"fashion: {tmp_path / 'fashion' / 'manifest.csv'}" in res.output  # the real set, not the digits' stand-in
+    df = pd.read_csv(tmp_path / "fashion" / "manifest.csv")
+    assert len(df) == 70_000 and df["id"].is_unique
+    assert df["source_split"].value_counts().to_dict() == {"train": 60_000, "test": 10_000}
+    assert (df["label"].value_counts() == 7_000).all() and df["label"].nunique() == 10
+    assert len(list((tmp_path / "fashion" / "images").glob("*.png"))) == 70_000
+    assert len(list((tmp_path / "fashion" / "sketches").glob("*.png"))) == 70_000
