@@ -149,6 +149,8 @@ class EmbeddingStore:
         if rows.size == 0:
             return np.zeros((0, self.dim), np.float32)
         lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo == rows.size and (np.diff(rows) == 1).all():
+            return self.read_rows(lo, hi)  # in order and contiguous (two stores of one manifest): no indexed copy
         if (hi - lo) <= 4 * rows.size + 4096:
             return self.read_rows(lo, hi)[rows - lo]
         out = np.empty((rows.size, self.dim), np.float32)

@@ -341,11 +341,16 @@ class ChunkedPairs:
             if generator is not None:
                 perm = torch.randperm(x.shape[0], generator=generator)
                 x, y = x[perm], y[perm]
-            if carry_x is not None:
-                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
-            n_full = (x.shape[0] // batch_size) * batch_size
-            for s in range(0, n_full, batch_size):
-                yield x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
+            s = 0  # the batches are those of cat([carry, chunk]), without copying the chunk (0.44 GB at 1280 + 384):
+            if carry_x is not None:  # only the batch that straddles the two is built
+                s = batch_size - len(carry_x)
+                if s > x.shape[0]:  # a chunk shorter than the gap: keep carrying
+                    carry_x, carry_y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
+                    continue
+                yield torch.cat([carry_x, x[:s]]).to(device), torch.cat([carry_y, y[:s]]).to(device)
+            n_full = s + ((x.shape[0] - s) // batch_size) * batch_size
+            for b in range(s, n_full, batch_size):
+                yield x[b : b + batch_size].to(device), y[b : b + batch_size].to(device)
             carry_x, carry_y = (x[n_full:], y[n_full:]) if n_full < x.shape[0] else (None, None)
         if carry_x is not None and (len(carry_x) >= MIN_BATCH or generator is None or len(self) < batch_size):
             yield carry_x.to(device), carry_y.to(device)  # the last-batch rule of projection.engine.loop
