@@ -7,10 +7,11 @@ the rest of the training rows are kept as UNPAIRED rows on both sides (target si
 every method is scored on the same held-out test pairs (10 %, never trained on), strict R@1:
   ridge, procrustes, mlp    fitted on the budget's pairs alone (the MLP: stage 1's recipe, --steps steps)
   refined                   Procrustes seed + mutual-NN (CSLS) refinement on the unpaired rows (MUSE)
+  transport                 rotation in the all-rows frame + Sinkhorn-plan refinement (projection/semi/transport.py)
   semi                      ``align(mode="semi")``'s method (projection/semi/method.py): 25 % of the budget's
-                            pairs held out as val choose among pairs-only and refined maps, the semi MLP is
-                            kept only if val says it helps; the chosen closed form is then refitted on all
-                            the budget's pairs. The val pairs are PART of the budget: no extra pairs.
+                            pairs held out as val choose among pairs-only and unpaired-rows maps; the chosen
+                            closed form is then refitted on all the budget's pairs. The val pairs are PART of
+                            the budget: no extra pairs.
 "fraction" = semi R@1 / the best fully paired R@1 (max of ridge, Procrustes, MLP on all training pairs).
 
 ``--cost``: a 3,000-row semi run with align's defaults (paired_frac 0.05) against the fully paired
@@ -41,8 +42,9 @@ from projection.semi.method import fit_semi_mode
 from projection.semi.objective import SemiConfig
 from projection.semi.partial import pair_budget
 from projection.semi.refine import RefinedMap, RefineConfig
+from projection.semi.transport import TransportConfig, TransportMap
 
-METHODS = ("ridge", "procrustes", "mlp", "refined", "semi")
+METHODS = ("ridge", "procrustes", "mlp", "refined", "transport", "semi")
 PAIRS_ONLY = ("ridge", "procrustes", "mlp")
 VAL_SHARE = 0.25  # of the budget's pairs, held out to choose (semi only)
 
@@ -74,6 +76,7 @@ def run_budget(x, y, ids, frac: float, args) -> dict:
     score("mlp", lambda: fit_mlp(xp, yp, pcfg, args.steps, args.seed))
     if len(released):
         score("refined", lambda: RefinedMap(RefineConfig(seed=args.seed, seed_from="pairs")).fit(xp, yp, xu, yu))
+        score("transport", lambda: TransportMap(TransportConfig(seed=args.seed)).fit(xp, yp, xu, yu))
         n_val = max(2, int(round(VAL_SHARE * len(paired))))
         order = np.random.default_rng(args.seed + 1).permutation(len(paired))
         v, f = order[:n_val], order[n_val:]
@@ -162,13 +165,13 @@ def main() -> None:
         x, y, ids = x[: args.max_rows], y[: args.max_rows], ids[: args.max_rows]
         print(f"\n{name}{'' if name in semi_sets.NOT_TUNED else ' (designed on)'}: {len(ids)} rows, "
               f"D {x.shape[1]} -> {y.shape[1]}, test {args.test_frac:.0%}")
-        print(f"{'paired':>7} {'n_pairs':>7} " + " ".join(f"{m:>10}" for m in METHODS) + "  semi chose      semi s")
+        print(f"{'paired':>7} {'n_pairs':>7} " + " ".join(f"{m:>10}" for m in METHODS) + "  semi chose        semi s")
         curves[name] = []
         for frac in fracs:
             row = {"frac": frac} | run_budget(x, y, ids, frac, args)
             curves[name].append(row)
             cells = " ".join(f"{row[m]:>10.3f}" if row[m] is not None else f"{'-':>10}" for m in METHODS)
-            print(f"{frac:>7.0%} {row['n_pairs']:>7} {cells}  {row.get('semi_chosen', '-'):<15} "
+            print(f"{frac:>7.0%} {row['n_pairs']:>7} {cells}  {row.get('semi_chosen', '-'):<17} "
                   f"{row['seconds'].get('semi', 0):>6}", flush=True)
     v = verdict(curves)
     print("\nfraction of the fully paired R@1 (best of ridge/Procrustes/MLP on all pairs):")

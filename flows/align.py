@@ -86,12 +86,15 @@ class AlignParams(BaseModel):
         None, description="Column for the cross-modal transfer figure (classes or numbers); default: label_column.")
     mode: Literal["pairs", "semi", "zero_pair"] = Field(
         "pairs", description="'pairs': train on rows whose id is in both stores. 'semi': also use the rows without a "
-        "partner (refined closed form + semi-supervised MLP). 'zero_pair': no training pairs at all (two encoders of "
-        "the same inputs only). The test split is always drawn from shared ids and held out.")
+        "partner (maps in the all-rows frame, refined by transport plans, chosen on val pairs). 'zero_pair': no "
+        "training pairs at all (two encoders of the same inputs only). The test split is always drawn from shared ids and held out.")
     paired_frac: float = Field(
         1.0, ge=0.0, le=1.0, description="semi/zero_pair: fraction of the training pairs used as pairs; the rest join "
         "the unpaired rows (to measure how few pairs suffice). Which ids were pairs is logged as pairing.csv.")
-    semi_steps: int = Field(600, ge=1, description="semi: optimizer steps of the semi-supervised MLP.")
+    semi_mlp: bool = Field(False, description="semi: also train the semi-supervised MLP (cycle, MMD, pseudo-pairs) from "
+                           "the chosen map; kept only if val says it helps. Off: it rarely did, at 8x the run time.")
+    semi_steps: int = Field(600, ge=1, description="semi: optimizer steps of the semi-supervised MLP, and of stage 1's MLP "
+                            "on the pairs alone (a candidate).")
     in_memory_max_gb: float = Field(4.0, gt=0, description="Load pairs into memory below this size; stream above.")
     out_dir: str = Field("runs/align", description="Projectors, checkpoints and splits go under this folder.")
     experiment: str | None = Field(None, description="MLflow experiment (default: xmodal-align-DATASET, DATASET being the stores' dataset).")
@@ -264,14 +267,14 @@ def _fit_semi(params: AlignParams, pcfg: ProjectorConfig, semi, baselines: dict,
               val: tuple[np.ndarray, np.ndarray]) -> FitResult:
     """Modes 'semi' and 'zero_pair': the refined closed form joins the baselines; which ids were pairs is logged.
 
-    The val split chooses among pairs-only and refined maps and the semi MLP (projection/semi/method.py);
-    the MLP checkpoints under run_dir/ckpt and resumes after a kill like stage 1."""
+    The val split chooses among pairs-only and unpaired-rows maps (projection/semi/method.py); the semi
+    MLP, when asked for, checkpoints under run_dir/ckpt and resumes after a kill like stage 1."""
     pd.DataFrame(semi.roles, columns=["id", "role"]).to_csv(run_dir / "pairing.csv", index=False)
     mlflow.log_artifact(str(run_dir / "pairing.csv"))
     mlflow.log_params({"mode": params.mode, "paired_frac": params.paired_frac, "n_train_pairs_used": len(semi.xp),
                        "n_unpaired_source": len(semi.xu), "n_unpaired_target": len(semi.yu)})
     fit = fit_semi_mode(params.mode, semi.xp, semi.yp, semi.xu, semi.yu, pcfg, params.train,
-                        SemiConfig(steps=params.semi_steps), callback, val=val, checkpoint_dir=run_dir / "ckpt")
+                        SemiConfig(steps=params.semi_steps, mlp=params.semi_mlp), callback, val=val, checkpoint_dir=run_dir / "ckpt")
     baselines["refined"] = fit.refined
     mlflow.log_param("semi_chosen", fit.chosen)
     history = [{"epoch": float(k), "train_loss": h["score"]} for k, h in enumerate(fit.refined.history)]

@@ -35,7 +35,8 @@ class SemiConfig:
     mmd: float = 0.5
     pseudo: float = 1.0  # 0 = do not use the refined closed form's pseudo-pairs
     bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of sqrt(2 D) (standardised data)
-    steps: int = 600  # optimizer steps; one step = one batch of each kind
+    steps: int = 600  # optimizer steps; one step = one batch of each kind (also the pairs-only MLP's budget in method.py)
+    mlp: bool = False  # align's semi mode: train this MLP from the chosen closed form (see projection/semi/method.py)
     unpaired_batch: int = 128  # unpaired rows per side per step for the cycle and MMD terms
     epoch_steps: int = 50  # steps between checkpoints / validations (one loop "epoch")
 
