@@ -6,12 +6,13 @@ Depth is the ground-truth disparity rendered as a grey image (near = bright) and
 pretrained image encoder: no pretrained depth encoder ships offline, and an ImageNet CNN on a
 disparity map still sees its edges and layout. Runs:
 
-1. Fashion-MNIST image -> caption space, zero-shot over the 10 class prompts (the pipeline defaults).
+1. Fashion-MNIST image -> caption space, zero-shot over the 10 class prompts (the pipeline defaults),
+   with stage 2 on classification in the same pipeline run: the last Lite0 block unfrozen, on a
+   class-balanced subset of the same manifest and the same stage-1 split (``STAGE2_PER_CLASS`` items
+   per class), because every stage-2 step runs the encoder from pixels. Stage 2 is the pipeline's own
+   child run, so `xmodal compare --experiment xmodal-pipeline-fashion` shows it beside stage 1.
 2. Fashion-MNIST sketch -> image search (Sobel edges -> photo), same image encoder on both sides.
-3. Stage 2 on classification: the last Lite0 block unfrozen, on a class-balanced subset of the
-   same manifest and the same stage-1 split (``STAGE2_PER_CLASS`` items per class), because every
-   stage-2 step runs the encoder from pixels.
-4. Stereo RGB -> depth on the Middlebury patches, with the builder's block split (no test patch
+3. Stereo RGB -> depth on the Middlebury patches, with the builder's block split (no test patch
    shares a pixel with a training patch).
 """
 
@@ -32,7 +33,7 @@ STAGE2_EPOCHS = 2
 
 
 def run_demo() -> dict:
-    """Run the four jobs, print the stores, the stage-1 tables and stage 2; return every result."""
+    """Run the three jobs, print the stores, the stage-1 tables and stage 2; return every result."""
     import os
 
     from flows.pipeline import PipelineParams, pipeline
@@ -42,7 +43,7 @@ def run_demo() -> dict:
     manifests = build_all(ROOT / "data/generated")
     base = PipelineParams()  # the same defaults the Prefect deployments use
     runs = {
-        "fashion image -> caption": pipeline(base),
+        "fashion image -> caption": pipeline(with_stage2(base)),
         "fashion sketch -> image": pipeline(base.model_copy(update={
             "source_column": "sketch", "target_column": "image", "target_encoder": base.source_encoder,
             "class_manifest": None})),
@@ -52,7 +53,7 @@ def run_demo() -> dict:
             transfer_column="mean_disparity",
             align={"split": {"file": str((manifests["stereo"].parent / "split.csv").relative_to(ROOT))}})),
     }
-    stage2 = _stage2(runs["fashion image -> caption"], base)
+    stage2 = runs["fashion image -> caption"]["finetune"]
     _print_stores(console, [r for run in runs.values() for r in run["extract"]])
     for title, run in runs.items():
         _print_stage1(console, title, run)
@@ -65,21 +66,21 @@ def run_demo() -> dict:
 STEREO_ENCODER = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"  # patches are 64 px
 
 
-def _stage2(run: dict, base) -> dict:
-    """Fine-tune the last encoder block for classification on a balanced subset, same split as stage 1."""
-    from flows.finetune import FinetuneParams, finetune
+def with_stage2(base, per_class: int = STAGE2_PER_CLASS, epochs: int = STAGE2_EPOCHS):
+    """``base`` with stage 2 on (classification, last encoder block unfrozen) over a class-balanced subset of its
+    manifest (the first ``per_class`` rows of each label), in the same pipeline run and stage-1 split.
+
+    Run by the pipeline, not after it: the stage-2 run is a child of the pipeline run in its experiment, and the
+    parent's stage2_* metrics are what `xmodal compare` plots (run separately, it had its own experiment)."""
+    from flows.pipeline import FinetuneStageParams
     from projection.finetune.config import FinetuneConfig
 
     full = Path(base.manifest)
-    frame = pd.read_csv(full)
-    subset = full.parent / f"stage2-{STAGE2_PER_CLASS}-per-class.csv"  # beside the images it names
-    frame.groupby("label", sort=True).head(STAGE2_PER_CLASS).to_csv(subset, index=False)
-    align = run["align"]
-    return finetune(FinetuneParams(
-        projector_dir=align["projector_dir"], manifest=str(subset), source_column=base.source_column,
-        source_encoder=base.source_encoder, split_csv=f"{align['run_dir']}/split.csv",
-        target_store=run["extract"][1]["store"], parent_run_id=run["parent_run_id"],
-        config=FinetuneConfig(unfreeze="last_n", last_n=1, epochs=STAGE2_EPOCHS, encoder_lr=1e-4, patience=None)))
+    frame = pd.read_csv(full, dtype={"id": str}, keep_default_na=False)
+    subset = full.parent / f"stage2-{per_class}-per-class.csv"  # beside the images it names
+    frame.groupby(base.label_column, sort=True).head(per_class).to_csv(subset, index=False)
+    return base.model_copy(update={"finetune": FinetuneStageParams(enabled=True, manifest=str(subset), config=FinetuneConfig(
+        unfreeze="last_n", last_n=1, epochs=epochs, encoder_lr=1e-4, patience=None))})
 
 
 def _print_stores(console: Console, extracts: list[dict]) -> None:

@@ -50,6 +50,9 @@ class AlignStageParams(BaseModel):
 class FinetuneStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="Run stage 2 after stage 1.")
+    manifest: str | None = Field(None, description="Stage 2 on these rows (a subset of the pipeline's manifest, "
+                                 "e.g. a class-balanced one: every stage-2 step runs the encoder on raw inputs); "
+                                 "split as in stage 1. Empty: the pipeline's manifest.")
     config: FinetuneConfig = Field(FinetuneConfig(unfreeze="last_n", last_n=1, epochs=5, encoder_lr=1e-4),
                                    description="Task, unfreeze policy, learning rates.")
 
@@ -135,7 +138,7 @@ def _stages(c: "PipelineParams", common: dict) -> tuple[list[dict], dict, dict |
                                out_dir=f"{c.out_dir}/align", **common))
     stage2 = None
     if c.finetune.enabled:
-        stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.manifest,
+        stage2 = finetune(FinetuneParams(projector_dir=stage1["projector_dir"], manifest=c.finetune.manifest or c.manifest,
                                          source_column=c.source_column, source_encoder=c.source_encoder,
                                          config=c.finetune.config, split_csv=f"{stage1['run_dir']}/split.csv",
                                          target_store=tgt["store"], out_dir=f"{c.out_dir}/finetune", **common))
@@ -151,7 +154,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     c = params
     uri = runs.tracking_uri(c.tracking_uri)
     ensure_sample_data(c.manifest, c.class_manifest)
-    check_paths(manifest=c.manifest, class_manifest=c.class_manifest)
+    check_paths(manifest=c.manifest, class_manifest=c.class_manifest,
+                **{"finetune.manifest": c.finetune.manifest if c.finetune.enabled else None})
     from encoders.manifest import Manifest
 
     dataset = Manifest.read(c.manifest).name

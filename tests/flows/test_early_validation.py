@@ -41,3 +41,16 @@ def test_a_missing_store_is_one_line_naming_the_field_before_any_run(prefect_ser
     assert is_user_error(exc.value)
     line = one_line(exc.value)
     assert line.startswith("source_store does not exist") and str(tmp_path / "nope.h5") in line, line
+
+
+def test_a_missing_stage2_manifest_is_one_line_naming_the_field_before_stage1(prefect_server, mlflow_uri,
+                                                                              sample_data, tmp_path):
+    from flows.pipeline import PipelineParams, pipeline
+
+    state = pipeline(PipelineParams(manifest=str(sample_data["digits"]), class_manifest=None,
+                                    finetune={"enabled": True, "manifest": str(tmp_path / "subset.csv")}),
+                     return_state=True)
+    with pytest.raises(FileNotFoundError) as exc:
+        state.result()
+    line = one_line(exc.value)
+    assert line.startswith("finetune.manifest does not exist") and str(tmp_path / "subset.csv") in line, line
