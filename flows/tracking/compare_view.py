@@ -46,10 +46,10 @@ def metric_group(column: str) -> tuple[str, str]:
     """A metric column -> (block title, short column name) for the text table: 'stage1_ridge_p2t_r1' ->
     ('stage 1: ridge', 'p2t_r1')."""
     rules = [(r"stage2_(\w+)", "stage 2", r"\1"), (r"alignment_(\w+?)_(mse|cosine|p2t_r1)", r"alignment \1", r"\2"),
-             (r"stage1_(ridge|procrustes|refined)_(\w+)", r"stage 1: \1", r"\2"),
+             (r"stage1_(ridge|procrustes|refined|identity)_(\w+)", r"stage 1: \1", r"\2"),
              (r"stage1_(\w+)", "stage 1: projector", r"\1"),
              (r"(before|after)_test_(\w+)", r"test, \1 stage 2", r"\2"),
-             (r"(ridge|procrustes|refined)_test_(\w+)", r"test: \1", r"\2"), (r"test_(\w+)", "test: projector", r"\1")]
+             (r"(ridge|procrustes|refined|identity)_test_(\w+)", r"test: \1", r"\2"), (r"test_(\w+)", "test: projector", r"\1")]
     for pattern, group, name in rules:
         m = re.fullmatch(pattern, column)
         if m:
