@@ -8,7 +8,7 @@ STAMP := $(VENV)/.xmodal-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK ?= true
 
-.PHONY: env demo test bench clean prefect-server deploy worker ui
+.PHONY: env demo test test-slow bench clean prefect-server deploy worker ui
 
 env: $(STAMP)
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 demo: env
 	$(PY) -m flows.cli demo
 
+# The suite in two parts (README, Two commands): `make test` leaves out the tests marked slow (over 60 s) or server
+# (real servers on loopback ports), `make test-slow` runs exactly those; CI (.ci/run) runs both.
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow and not server"
+
+test-slow: env
+	$(PY) -m pytest -m "slow or server"
 
 bench: env
 	$(PY) benchmarks/extract.py

@@ -10,8 +10,8 @@ A marker line right before a block says how it runs (the README says why next to
     <!-- readme-test: not: CMD -->      run, except the lines starting with CMD (the README says why)
 
 Unmarked python blocks share one namespace (a Python session), so a later snippet uses an earlier one's names.
-Run as a script from the folder to walk (a user's checkout): ``python readme_walk.py README.md``; it prints one
-line per block and exits non-zero at the first failure.
+Run as a script from the folder to walk (a user's checkout): ``python readme_walk.py README.md [no-server]``; it
+prints one line per block and exits non-zero at the first failure.
 """
 
 from __future__ import annotations
@@ -156,12 +156,20 @@ class Walk:
                 pass
 
 
+def selected(b: Block, only: str | None) -> bool:
+    """``only``: None = every block; 'server' = the blocks so marked; 'no-server' = every block not so marked
+    (what `make test` walks: no block before a server block needs it, so the walk holds without them)."""
+    if only == "no-server":
+        return b.mark != "server"
+    return not only or b.mark == only
+
+
 def main(readme: str, only: str | None = None) -> int:
     sys.path[0] = os.getcwd()  # as in `python` started in the checkout: its folder, not this script's, is first
     walk = Walk(dict(os.environ))
     try:
         for b in blocks(Path(readme)):
-            if only and b.mark != only:
+            if not selected(b, only):
                 continue
             t0 = time.monotonic()
             status = walk.run(b)

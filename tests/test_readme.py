@@ -56,18 +56,32 @@ def test_readme_blocks_are_marked_sparingly():
     assert not [b.line for b in bs if "<" in b.code and ">" in b.code and b.lang == "bash" and b.mark != "skip"], "placeholders left"
 
 
+def _walk(user, env, *only: str):
+    res = subprocess.run([str(ROOT / ".venv/bin/python"), str(ROOT / "tests/readme_walk.py"), str(ROOT / "README.md"),
+                          *only], cwd=user, env=env, capture_output=True, text=True, timeout=2300)
+    print(res.stdout[-6000:])
+    logs = "".join(f"\n== {f.name}\n{f.read_text()[-2000:]}" for f in sorted(user.glob("server-*.log")))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:] + logs
+    return [line for line in res.stdout.splitlines() if line.startswith("README.md:")]
+
+
+@pytest.mark.timeout(1800)
+def test_every_readme_block_without_a_server_runs(sample_data, tmp_path):
+    """`make test`'s walk: every block but those marked server (they run in the next test, `make test-slow`)."""
+    user = checkout(tmp_path, sample_data)
+    ran = _walk(user, walk_env(user), "no-server")
+    assert len(ran) == len([b for b in blocks(ROOT / "README.md") if b.mark != "server"]), ran
+    assert not [line for line in ran if " server: " in line]
+
+
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.timeout(2400)
 def test_every_readme_block_runs(sample_data, tmp_path):
+    """The whole README in order, servers included (a server block may use what the blocks before it made)."""
     user = checkout(tmp_path, sample_data)
     ports = f"4200={_free_port()},5000={_free_port()},5001={_free_port()}"
     env = walk_env(user, README_PORTS=ports, PREFECT_PORT=ports.split(",")[0].split("=")[1],
                    MLFLOW_PORT=ports.split(",")[1].split("=")[1])
-    res = subprocess.run([str(ROOT / ".venv/bin/python"), str(ROOT / "tests/readme_walk.py"), str(ROOT / "README.md")],
-                         cwd=user, env=env, capture_output=True, text=True, timeout=2300)
-    print(res.stdout[-6000:])
-    logs = "".join(f"\n== {f.name}\n{f.read_text()[-2000:]}" for f in sorted(user.glob("server-*.log")))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:] + logs
-    ran = [line for line in res.stdout.splitlines() if line.startswith("README.md:")]
+    ran = _walk(user, env)
     assert len(ran) == len(blocks(ROOT / "README.md")), ran

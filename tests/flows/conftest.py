@@ -54,6 +54,6 @@ def two_kinds(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
 
 
 def pytest_configure(config):
-    # Tests that start a real `prefect server`, worker or `mlflow server`: slow (tens of seconds), still part
-    # of `make test` and CI; `-m "not server"` leaves them out locally.
-    config.addinivalue_line("markers", "server: starts real servers on loopback ports (slow; runs in CI)")
+    # Tests that start a real `prefect server`, worker or `mlflow server`: slow (tens of seconds); `make test`
+    # leaves them out, `make test-slow` and CI run them.
+    config.addinivalue_line("markers", "server: starts real servers on loopback ports (left out of make test; make test-slow and CI run it)")
