@@ -137,6 +137,8 @@ def load_sets(args) -> dict:
         sets |= semi_sets.stereo(cache)
     if "shapes-lite0-mnv2" in want or args.cost:
         sets |= semi_sets.shapes(cache)
+    if "photos-lite0-mnv2" in want:
+        sets |= semi_sets.photos(cache)
     if args.fashion:
         sets |= semi_sets.fashion(args.fashion, cache)
         want += ["fashion-migration", "fashion-crossmodal"]

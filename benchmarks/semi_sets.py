@@ -9,6 +9,8 @@ random-feature "encoders") and Fashion-MNIST (``--fashion``). Sets it was NOT de
                           under pretrained EfficientNet-Lite0
   shapes-lite0-mnv2       3,000 procedurally drawn shapes (data/shapes.py) under pretrained EfficientNet-Lite0
                           -> MobileNetV2 (the issue's failing case: two real packaged encoders, offline)
+  photos-lite0-mnv2       2,000 random crops of scikit-image's bundled photos (data/photos.py), same two encoders;
+                          added after the transport method was written, and not tuned on either
 Stores are extracted once under ``--cache`` and reused.
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 Set = tuple[np.ndarray, np.ndarray, list[str]]
 LITE0 = "timm:image:tf_efficientnet_lite0.in1k?image_size=64&batch_size=128"
 MOBILENET = "timm:image:mobilenetv2_100.deepsort_in1k?image_size=64&batch_size=128"
-NOT_TUNED = ("sklearn-digits-halves", "sklearn-cancer-views", "stereo-rgb-depth", "shapes-lite0-mnv2")
+NOT_TUNED = ("sklearn-digits-halves", "sklearn-cancer-views", "stereo-rgb-depth", "shapes-lite0-mnv2", "photos-lite0-mnv2")
 
 
 def digits_random() -> dict[str, Set]:
@@ -88,6 +90,14 @@ def shapes(cache: Path, n: int = 3000) -> dict[str, Set]:
     manifest = build_shapes(cache / "data" / "shapes", n)
     lite0 = _extract(manifest, "image", LITE0, cache / f"shapes{n}-lite0.h5")
     return {"shapes-lite0-mnv2": _joined(lite0, _extract(manifest, "image", MOBILENET, cache / f"shapes{n}-mnv2.h5"))}
+
+
+def photos(cache: Path, n: int = 2000) -> dict[str, Set]:
+    from data.photos import build_photos
+
+    manifest = build_photos(cache / "data" / "photos", n)
+    lite0 = _extract(manifest, "image", LITE0, cache / f"photos{n}-lite0.h5")
+    return {"photos-lite0-mnv2": _joined(lite0, _extract(manifest, "image", MOBILENET, cache / f"photos{n}-mnv2.h5"))}
 
 
 def fashion(size: int, cache: Path) -> dict[str, Set]:

@@ -26,6 +26,7 @@ def _run(script: str, *args: str, tmp_path) -> dict:
     return json.loads(last)  # the last stdout line is the JSON object, nothing after it
 
 
+@pytest.mark.slow  # ~170 s: real encoders over real images, several batch sizes
 @pytest.mark.timeout(900)
 def test_extract_benchmark_runs(tmp_path):
     r = _run("extract.py", "--images", "32", "--mem-sizes", "300,600", "--precision-images", "8", "--decode-images", "64",
@@ -100,6 +101,7 @@ def test_semi_benchmark_runs(tmp_path):
     assert r["summary"]["sklearn-cancer-views"]["not_tuned_on"] and not r["summary"]["digits-random-migration"]["not_tuned_on"]
 
 
+@pytest.mark.slow  # ~70 s
 @pytest.mark.timeout(300)
 def test_defaults_benchmark_runs(tmp_path):
     r = _run("defaults.py", "--quick", "--no-repo", "--only", "linear_n200_,relu_n1000", "--split-seeds", "0,1",
