@@ -112,16 +112,18 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def gemm_peak() -> float:
-    """Best fp32 FLOP/s of a few GEMMs (the stage-1 MLP step's shapes among them): what this CPU could do just now."""
+def gemm_peak(shapes=((1024, 1024, 1024), (256, 1280, 1024), (256, 1024, 1280)), dtype=None, reps: int = 4) -> float:
+    """Best FLOP/s of a few GEMMs (m, k, n) in ``dtype`` (default fp32): what this CPU could do just now.
+
+    The defaults include the stage-1 MLP step's shapes; callers pass their model's."""
     import torch
 
     best = 0.0
-    for m, k, n in ((1024, 1024, 1024), (256, 1280, 1024), (256, 1024, 1280)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(reps):
             a @ b
-        best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - t0))
+        best = max(best, reps * 2 * m * k * n / (time.perf_counter() - t0))
     return best

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks._common import phase
+from benchmarks._common import gemm_peak, phase
 
 IMAGE_ARCH = "ViT-B-32"
 SPEC = "open_clip:image:ViT-B-32?batch_size=32"
@@ -33,17 +33,7 @@ H100_REALISTIC = 0.4  # fraction a ViT-B/32 forward realistically sustains (MFU 
 
 def matmul_peak(dtype, tokens: int) -> float:
     """Best FLOP/s over a few GEMM shapes (the model's MLP shape among them)."""
-    import torch
-
-    best = 0.0
-    for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (tokens, 768, 3072)):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        best = max(best, 3 * 2 * m * k * n / (time.perf_counter() - t0))
-    return best
+    return gemm_peak(((1024, 1024, 1024), (2048, 2048, 2048), (tokens, 768, 3072)), dtype, reps=3)
 
 
 def flops_per_image(model, size: int) -> int:

@@ -39,3 +39,23 @@ def sobel_sketch(gray: np.ndarray) -> np.ndarray:
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     df.to_csv(path, index=False, lineterminator="\n", float_format="%.6f")
+
+
+def build_image_set(out: str | Path, n: int, prefix: str, render) -> Path:
+    """Write ``n`` images ``<out>/images/<prefix>-00000.png`` and ``<out>/manifest.csv``; returns the manifest.
+
+    ``render(i)`` -> (uint8 image, dict of manifest columns). A complete build (a manifest of ``n``
+    rows) is kept as it is, so benchmarks can call this every run."""
+    out = Path(out)
+    manifest = out / "manifest.csv"
+    if manifest.exists() and len(pd.read_csv(manifest)) == n:
+        return manifest
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        arr, columns = render(i)
+        name = f"images/{prefix}-{i:05d}.png"
+        save_png(arr, out / name)
+        rows.append({"id": f"{prefix}-{i:05d}", "image": name, **columns})
+    write_csv(pd.DataFrame(rows), manifest)
+    return manifest

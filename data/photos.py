@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from data.common import write_csv
+from data.common import build_image_set
 
 SIZE = 64
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel")
@@ -46,16 +45,10 @@ def render(index: int, photos: dict[str, np.ndarray], seed: int = 0) -> tuple[np
 
 def build_photos(out: str | Path, n: int = 2000, seed: int = 0) -> Path:
     """Write ``n`` crops and their manifest under ``out``; returns the manifest path (skips a complete build)."""
-    out = Path(out)
-    manifest = out / "manifest.csv"
-    if manifest.exists() and len(pd.read_csv(manifest)) == n:
-        return manifest
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    photos, rows = _photos(), []
-    for i in range(n):
+    photos = _photos()
+
+    def row(i: int):
         arr, name = render(i, photos, seed)
-        path = f"images/photo-{i:05d}.png"
-        Image.fromarray(arr, mode="RGB").save(out / path, format="PNG", compress_level=6)
-        rows.append({"id": f"photo-{i:05d}", "image": path, "photo": name})
-    write_csv(pd.DataFrame(rows), manifest)
-    return manifest
+        return arr, {"photo": name}
+
+    return build_image_set(out, n, "photo", row)

@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from data.common import write_csv
+from data.common import build_image_set
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -84,16 +83,8 @@ def render(index: int, seed: int = 0) -> tuple[np.ndarray, str, str]:
 
 def build_shapes(out: str | Path, n: int = 3000, seed: int = 0) -> Path:
     """Write ``n`` images and their manifest under ``out``; returns the manifest path (skips a complete build)."""
-    out = Path(out)
-    manifest = out / "manifest.csv"
-    if manifest.exists() and len(pd.read_csv(manifest)) == n:
-        return manifest
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
+    def row(i: int):
         arr, shape, background = render(i, seed)
-        name = f"images/shape-{i:05d}.png"
-        Image.fromarray(arr, mode="RGB").save(out / name, format="PNG", optimize=False, compress_level=6)
-        rows.append({"id": f"shape-{i:05d}", "image": name, "shape": shape, "background": background})
-    write_csv(pd.DataFrame(rows), manifest)
-    return manifest
+        return arr, {"shape": shape, "background": background}
+
+    return build_image_set(out, n, "shape", row)

@@ -116,3 +116,10 @@ def deployment_flows() -> list[tuple[dict, object]]:
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         out.append((dep, getattr(module, name)))
     return out
+
+
+def png_digest(folder) -> str:
+    """One hash over every PNG under ``folder``, in path order: two builds made the same bytes iff equal."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(folder).rglob("*.png")))).hexdigest()

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pandas as pd
 
-from data.photos import PHOTOS, SIZE, build_photos
 from data.common import load_png
-
-
-def _digest(folder) -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*.png")))).hexdigest()
+from data.photos import PHOTOS, SIZE, build_photos
+from tests_support import png_digest
 
 
 def test_the_same_seed_builds_the_same_bytes_and_crops_of_every_photo(tmp_path):
     a, b = build_photos(tmp_path / "a", 60), build_photos(tmp_path / "b", 60)
-    assert _digest(a.parent) == _digest(b.parent)
+    assert png_digest(a.parent) == png_digest(b.parent)
     frame = pd.read_csv(a)
     assert list(frame.columns) == ["id", "image", "photo"] and len(frame) == 60
     assert set(frame["photo"]) == set(PHOTOS)

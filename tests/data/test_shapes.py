@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pandas as pd
 
 from data.shapes import SHAPES, build_shapes
-
-
-def _digest(folder) -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*.png")))).hexdigest()
+from tests_support import png_digest
 
 
 def test_the_same_seed_builds_the_same_bytes_and_different_images(tmp_path):
     a, b = build_shapes(tmp_path / "a", 40), build_shapes(tmp_path / "b", 40)
-    assert _digest(a.parent) == _digest(b.parent)
+    assert png_digest(a.parent) == png_digest(b.parent)
     frame = pd.read_csv(a)
     assert list(frame.columns) == ["id", "image", "shape", "background"] and len(frame) == 40
     assert set(frame["shape"]) == set(SHAPES)
