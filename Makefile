@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 demo: env
 	$(PY) -m flows.cli demo
 
-# The suite in two parts (README, Two commands): `make test` leaves out the tests marked slow (over 60 s) or server
+# The suite in two parts (README, Two commands): `make test` leaves out the tests marked slow (over 30 s) or server
 # (real servers on loopback ports), `make test-slow` runs exactly those; CI (.ci/run) runs both.
 test: env
 	$(PY) -m pytest -m "not slow and not server"

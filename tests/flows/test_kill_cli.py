@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.tracking.recovery import RESUMED_FROM, WORK
@@ -41,6 +42,7 @@ def _xmodal(*args, env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_kill_9_of_extract_leaves_no_server_and_the_rerun_marks_the_killed_run(mlflow_uri, tmp_path):
     folder = tmp_path / "killset"
     folder.mkdir()
@@ -78,6 +80,7 @@ def test_kill_9_of_extract_leaves_no_server_and_the_rerun_marks_the_killed_run(m
     assert by_status["FINISHED"].data.tags[RESUMED_FROM] == by_status["KILLED"].info.run_id
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_kill_9_of_align_then_rerun_gives_one_run_with_the_whole_metric_history(mlflow_uri, tmp_path):
     import numpy as np
 
@@ -145,6 +148,7 @@ def test_two_identical_align_runs_started_together_end_with_the_same_projector(m
     assert (folder / "projector").is_dir()
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_kill_9_of_contrastive_then_rerun_marks_the_killed_run(mlflow_uri, tmp_path, sample_data):
     from tests_support import kill_9_after_first_checkpoint
 

@@ -70,6 +70,7 @@ def test_bad_stage2_inputs_are_clear_errors(digits_pipeline, sample_data, tmp_pa
         finetune(params)
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_kill_9_of_finetune_then_rerun_marks_the_killed_run(digits_pipeline, sample_data, mlflow_uri, tmp_path):
     """Stage 2 claims its run folder's work like stage 1: a run killed with -9 is marked KILLED when the rerun
     resumes it, and the rerun links it (issue 19)."""

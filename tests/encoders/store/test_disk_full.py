@@ -135,6 +135,7 @@ def test_disk_filled_by_another_process_after_the_check_is_one_line_and_the_reru
     assert a.errors().equals(b.errors()) and sorted(p.name for p in small_fs.iterdir()) == ["s.h5", "s.h5.lock"]
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_cli_extract_on_a_disk_another_process_fills_says_one_line_fails_the_run_and_resumes(
         tmp_path, small_fs, mlflow_uri, tiny_clip_files):
     from mlflow.tracking import MlflowClient

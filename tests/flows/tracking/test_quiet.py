@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests_support import ROOT
 
 SCRIPT = r'''
@@ -33,6 +35,7 @@ NOISE = ("Add type hints", "interpreted in multiple ways", "Failed to resolve in
          "Operation with range is deprecated")
 
 
+@pytest.mark.slow  # 30-110 s: real CLI processes (make test-slow; CI runs it)
 def test_align_and_promote_print_none_of_the_counted_warnings(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
                PYTHONWARNINGS="default", PREFECT_HOME=str(tmp_path / "prefect"))
