@@ -283,8 +283,8 @@ class Interleave:
         flops, peak = self.counted["flops"], max(self.peaks)
         return {"block": b, "blocks_each": k, "flow_steps_per_s": round(flow, 3), "bare_steps_per_s": round(bare, 3),
                 "ratio_flow_over_bare": round(flow / bare, 3), "ratio_median_of_pairs": round(statistics.median(pair_ratios), 3),
-                "ratio_pairs": [round(r, 3) for r in pair_ratios], "flow_block_s": [round(t, 2) for t in self.flow_s],
-                "bare_block_s": [round(t, 2) for t in self.bare_s], "flops_per_step": flops,
+                "ratio_pairs": [round(r, 3) for r in pair_ratios], "flow_block_s": [round(t, 4) for t in self.flow_s],
+                "bare_block_s": [round(t, 4) for t in self.bare_s], "flops_per_step": flops,
                 "gemm_peak_gflops": round(peak / 1e9, 1), "flop_limit_steps_per_s": round(peak / flops, 2)}
 
 

@@ -79,6 +79,10 @@ def promoted(prefect_server, mlflow_uri, sample_data, tmp_path_factory):
     import open_clip
     from safetensors.torch import save_file
 
+    # The registry this fixture writes to must be the one `mlflow models serve` reads (MLFLOW_TRACKING_URI=mlflow_uri):
+    # pin it here rather than trust the process's current URI, which the server tests point elsewhere and put back.
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    mlflow.set_tracking_uri(mlflow_uri)
     d = tmp_path_factory.mktemp("promote")
     manifest = sample_data["digits"].parent / "manifest_60.csv"
     pd.read_csv(sample_data["digits"]).head(60).to_csv(manifest, index=False)
